@@ -1,0 +1,143 @@
+// One benchmark case, in its own process; prints one number (ns per call, or heap bytes
+// per breaker). Driven by bench/core.ts. Uses the built package, as users get it.
+import * as bulwark from '../dist/esm/lib/index.js';
+import * as cockatiel from 'cockatiel';
+import OpossumBreaker from 'opossum';
+
+const name = process.argv[2] ?? 'bare';
+const fn = async (): Promise<number> => 1;
+
+function speedCase(): () => Promise<unknown> {
+  const b = bulwark;
+  switch (name) {
+    case 'bare':
+      return fn;
+    case 'bulwark pipeline(bulkhead, timeout, breaker)': {
+      const p = b.pipeline(b.bulkhead({ limit: 1000 }), b.timeout(10_000), b.circuitBreaker());
+      return () => p.execute(fn);
+    }
+    case 'bulwark circuitBreaker': {
+      const p = b.circuitBreaker();
+      return () => p.execute(fn);
+    }
+    case 'bulwark bulkhead': {
+      const p = b.bulkhead({ limit: 1000 });
+      return () => p.execute(fn);
+    }
+    case 'bulwark timeout': {
+      const p = b.timeout(10_000);
+      return () => p.execute(fn);
+    }
+    case 'bulwark retry': {
+      const p = b.retry();
+      return () => p.execute(fn);
+    }
+    case 'bulwark fallback': {
+      const p = b.fallback(0);
+      return () => p.execute(fn);
+    }
+    case 'bulwark rateLimit': {
+      const p = b.rateLimit({ limit: 1e12, windowMs: 60_000 });
+      return () => p.execute(fn);
+    }
+    case 'bulwark keyed(circuitBreaker)': {
+      const p = b.keyed(() => b.circuitBreaker(), { key: () => 'upstream' });
+      return () => p.execute(fn);
+    }
+    case 'bulwark loadShedder': {
+      const p = b.loadShedder({ maxEventLoopDelayMs: 1000 });
+      return () => p.execute(fn);
+    }
+    case 'bulwark adaptiveConcurrency': {
+      const p = b.adaptiveConcurrency();
+      return () => p.execute(fn);
+    }
+    case 'bulwark chaos (disabled)': {
+      const p = b.chaos({ enabled: false, fault: { rate: 1 } });
+      return () => p.execute(fn);
+    }
+    case 'cockatiel circuitBreaker': {
+      const p = cockatiel.circuitBreaker(cockatiel.handleAll, {
+        halfOpenAfter: 30_000,
+        breaker: new cockatiel.CountBreaker({ threshold: 0.5, size: 100, minimumNumberOfCalls: 20 }),
+      });
+      return () => p.execute(fn);
+    }
+    case 'cockatiel wrap(bulkhead, timeout, breaker)': {
+      const p = cockatiel.wrap(
+        cockatiel.bulkhead(1000),
+        cockatiel.timeout(10_000, cockatiel.TimeoutStrategy.Cooperative),
+        cockatiel.circuitBreaker(cockatiel.handleAll, {
+          halfOpenAfter: 30_000,
+          breaker: new cockatiel.CountBreaker({ threshold: 0.5, size: 100, minimumNumberOfCalls: 20 }),
+        }),
+      );
+      return () => p.execute(fn);
+    }
+    case 'opossum fire() (timeout off)': {
+      const p = new OpossumBreaker(fn, { timeout: false });
+      return () => p.fire();
+    }
+    case 'opossum fire() (default)': {
+      const p = new OpossumBreaker(fn);
+      return () => p.fire();
+    }
+    default:
+      throw new Error(`unknown case ${name}`);
+  }
+}
+
+async function measureSpeed(call: () => Promise<unknown>): Promise<number> {
+  const perBatch = 100_000;
+  for (let i = 0; i < 3 * perBatch; i++) await call();
+  const results: number[] = [];
+  for (let batch = 0; batch < 11; batch++) {
+    const start = process.hrtime.bigint();
+    for (let i = 0; i < perBatch; i++) await call();
+    results.push(Number(process.hrtime.bigint() - start) / perBatch);
+  }
+  results.sort((a, b) => a - b);
+  return results[results.length >> 1]!;
+}
+
+async function measureHeap(): Promise<number> {
+  const count = 10_000;
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (gc === undefined) throw new Error('run with --expose-gc');
+  const make = (): { call: () => Promise<unknown>; dispose?: () => void } => {
+    if (name === 'heap bulwark circuitBreaker') {
+      const p = bulwark.circuitBreaker();
+      return { call: () => p.execute(fn) };
+    }
+    if (name === 'heap cockatiel circuitBreaker') {
+      const p = cockatiel.circuitBreaker(cockatiel.handleAll, {
+        halfOpenAfter: 30_000,
+        breaker: new cockatiel.CountBreaker({ threshold: 0.5, size: 100, minimumNumberOfCalls: 20 }),
+      });
+      return { call: () => p.execute(fn) };
+    }
+    const p = new OpossumBreaker(fn);
+    return { call: () => p.fire(), dispose: () => p.shutdown() };
+  };
+  // Warm up the code paths so that compiled code is not counted as breaker memory.
+  for (let i = 0; i < 100; i++) await make().call();
+  gc();
+  gc();
+  const before = process.memoryUsage();
+  const kept: Array<{ call: () => Promise<unknown>; dispose?: () => void }> = [];
+  for (let i = 0; i < count; i++) {
+    const breaker = make();
+    await breaker.call();
+    kept.push(breaker);
+  }
+  gc();
+  gc();
+  const after = process.memoryUsage();
+  const bytes = after.heapUsed - before.heapUsed + (after.arrayBuffers - before.arrayBuffers);
+  for (const breaker of kept) breaker.dispose?.();
+  return bytes / count;
+}
+
+const result = name.startsWith('heap') ? await measureHeap() : await measureSpeed(speedCase());
+console.log(result);
+process.exit(0);
