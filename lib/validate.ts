@@ -91,3 +91,10 @@ export function knownKeys(guard: string, options: object, allowed: readonly stri
     if (!allowed.includes(key)) throw new TypeError(`${guard}: unknown option "${key}" (allowed: ${allowed.join(', ')})`);
   }
 }
+
+/** An injected time source: undefined, or an object with a `now()` method. */
+export function clockOption<C extends { now(): number }>(guard: string, value: C | undefined): C | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'object' || value === null || typeof value.now !== 'function') fail(guard, 'clock', 'an object with a now() method', value);
+  return value;
+}
