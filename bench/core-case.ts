@@ -1,6 +1,6 @@
 // One benchmark case, in its own process; prints one number (ns per call, or heap bytes
 // per breaker). Driven by bench/core.ts. Uses the built package, as users get it.
-import * as bulwark from '../dist/esm/lib/index.js';
+import * as bulwark from 'bulwark';
 import * as cockatiel from 'cockatiel';
 import OpossumBreaker from 'opossum';
 
