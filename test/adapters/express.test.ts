@@ -1,0 +1,211 @@
+// Express specifics: late `next()` after the guard answered, the route stack wrapping,
+// `app.use` mounts (response interception), nested guards.
+
+import { once } from 'node:events';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { expect } from 'chai';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import { guard } from '../../adapters/express.js';
+import { bulkhead } from '../../lib/bulkhead.js';
+import { circuitBreaker } from '../../lib/circuit-breaker.js';
+import { pipeline } from '../../lib/pipeline.js';
+import { timeout } from '../../lib/timeout.js';
+import { eventually, RawConnection, request, sleep, Watchdog, type TestServer } from './support.js';
+
+describe('express adapter', function () {
+  this.timeout(5000);
+  let server: http.Server | undefined;
+  let watchdog: Watchdog;
+  let errors: unknown[];
+
+  async function serve(app: express.Express): Promise<TestServer> {
+    app.get('/ok', (_req, res) => void res.json({ ok: true }));
+    app.use((error: unknown, _req: Request, res: Response, _next: NextFunction) => {
+      errors.push(error);
+      res.status(500).json({ error: 'internal' });
+    });
+    server = http.createServer(app);
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const port = (server.address() as AddressInfo).port;
+    return { port, url: `http://127.0.0.1:${port}`, errors, logs: [], close: async () => {} };
+  }
+
+  beforeEach(() => {
+    errors = [];
+    watchdog = new Watchdog().start();
+  });
+
+  afterEach(async () => {
+    watchdog.stop();
+    server?.closeAllConnections();
+    await new Promise<void>((resolve) => (server === undefined ? resolve() : server.close(() => resolve())));
+    server = undefined;
+  });
+
+  async function expectOneTimeoutAnswer(s: TestServer, path: string): Promise<void> {
+    const connection = await RawConnection.open(s.port);
+    try {
+      connection.send(path);
+      const first = await connection.read();
+      expect(first.status).to.equal(503);
+      expect(first.body).to.equal('{"error":"Service Unavailable","reason":"timeout","retryAfter":1}');
+      await sleep(150);
+      expect(connection.pending).to.equal(0);
+      connection.send('/ok');
+      expect((await connection.read()).status).to.equal(200);
+      expect(connection.closed).to.equal(false);
+    } finally {
+      connection.close();
+    }
+  }
+
+  for (const late of ['next()', 'next(err)', 'next("route")'] as const) {
+    it(`swallows a late ${late} after a timeout answered`, async () => {
+      const app = express();
+      let called = false;
+      app.get('/late', guard(timeout(40)), async (_req, _res, next) => {
+        await sleep(100);
+        called = true;
+        if (late === 'next()') next();
+        else if (late === 'next(err)') next(new Error('late failure'));
+        else next('route');
+      });
+      app.get('/late', (_req, res) => void res.status(418).json({ second: 'route' }));
+      const s = await serve(app);
+      await expectOneTimeoutAnswer(s, '/late');
+      expect(called).to.equal(true);
+      expect(errors).to.deep.equal([]);
+      expect(watchdog.events).to.deep.equal([]);
+    });
+  }
+
+  it('reports next(err) from the handler to the guard (breaker counts it, fallback answers)', async () => {
+    const app = express();
+    const breaker = circuitBreaker({ consecutiveFailures: 5, openMs: 10_000 });
+    app.get('/next-err', guard(breaker, { fallback: 'fb' }), (_req, _res, next) => next(new Error('secret')));
+    const s = await serve(app);
+    const answer = await request(s, '/next-err');
+    expect(answer.json).to.deep.equal({ data: 'fb', source: 'fallback', status: 'degraded', reason: 'error' });
+    expect(breaker.stats().totals.failures).to.equal(1);
+    expect(errors).to.deep.equal([]);
+  });
+
+  it('passes a handler error on to the error layers when nothing replaces it', async () => {
+    const app = express();
+    const breaker = circuitBreaker({ consecutiveFailures: 5, openMs: 10_000 });
+    const failure = new Error('boom');
+    app.get(
+      '/route-error',
+      guard(breaker),
+      () => {
+        throw failure;
+      },
+      (error: unknown, _req: Request, res: Response, _next: NextFunction) => void res.status(500).json({ handledBy: 'route', same: error === failure }),
+    );
+    const s = await serve(app);
+    const answer = await request(s, '/route-error');
+    expect(answer.status).to.equal(500);
+    expect(answer.json).to.deep.equal({ handledBy: 'route', same: true });
+    expect(breaker.stats().totals.failures).to.equal(1);
+  });
+
+  it('lets a handler fall through with next() (404 is not a failure) and releases its permit', async () => {
+    const app = express();
+    const gate = bulkhead({ limit: 1 });
+    const breaker = circuitBreaker({ consecutiveFailures: 1, openMs: 10_000 });
+    app.get('/through', guard(pipeline(gate, breaker)), (_req, _res, next) => next());
+    const s = await serve(app);
+    expect((await request(s, '/through')).status).to.equal(404);
+    await eventually(() => gate.active === 0, 1000, 'permit released');
+    expect(breaker.state).to.equal('closed');
+  });
+
+  describe('mounted with app.use (no route to wrap)', () => {
+    it('replaces the error layer 500 with the degraded answer, and counts the failure', async () => {
+      const app = express();
+      const breaker = circuitBreaker({ consecutiveFailures: 5, openMs: 10_000 });
+      app.use('/api', guard(breaker, { fallback: { items: [] } }));
+      app.get('/api/items', () => {
+        throw new Error('secret');
+      });
+      const s = await serve(app);
+      const answer = await request(s, '/api/items');
+      expect(answer.status).to.equal(200);
+      expect(answer.json).to.deep.equal({ data: { items: [] }, source: 'fallback', status: 'degraded', reason: 'error' });
+      expect(breaker.stats().totals.failures).to.equal(1);
+    });
+
+    it('drops late writes after a timeout', async () => {
+      const app = express();
+      app.use('/api', guard(timeout(40)));
+      app.get('/api/slow', async (_req, res) => {
+        await sleep(100);
+        res.set('x-late', '1').json({ late: true });
+      });
+      const s = await serve(app);
+      await expectOneTimeoutAnswer(s, '/api/slow');
+      expect(watchdog.events).to.deep.equal([]);
+    });
+
+    it('caches through the response and serves it when the route fails', async () => {
+      const app = express();
+      let fail = false;
+      app.use(guard(pipeline(), { cache: { ttlMs: 10_000, maxEntries: 5 } }));
+      app.get('/text', (_req, res) => {
+        if (fail) res.status(500).send('down');
+        else res.type('text/plain').send('hello');
+      });
+      const s = await serve(app);
+      expect((await request(s, '/text')).text).to.equal('hello');
+      fail = true;
+      expect((await request(s, '/text')).json).to.deep.equal({ data: 'hello', source: 'cache', status: 'degraded', reason: 'error' });
+    });
+  });
+
+  it('nests guards: the inner one reports what it lets stand to the outer one', async () => {
+    const app = express();
+    const outer = circuitBreaker({ name: 'outer', consecutiveFailures: 5, openMs: 10_000 });
+    const inner = circuitBreaker({ name: 'inner', consecutiveFailures: 5, openMs: 10_000 });
+    app.get('/nested', guard(outer, { fallback: 'outer fallback' }), guard(inner), () => {
+      throw new Error('deep');
+    });
+    const s = await serve(app);
+    expect((await request(s, '/nested')).json).to.deep.equal({ data: 'outer fallback', source: 'fallback', status: 'degraded', reason: 'error' });
+    expect(inner.stats().totals.failures).to.equal(1);
+    expect(outer.stats().totals.failures).to.equal(1);
+    expect(errors).to.deep.equal([]);
+  });
+
+  it('ends the connection of an answer broken off halfway (written, then thrown), counting the failure and freeing the permit', async () => {
+    const app = express();
+    const gate = bulkhead({ limit: 1 });
+    const breaker = circuitBreaker({ consecutiveFailures: 5, openMs: 10_000 });
+    app.get('/broken', guard(pipeline(gate, breaker)), async (_req, res) => {
+      res.write('partial');
+      await sleep(10);
+      throw new Error('broke mid-answer');
+    });
+    const s = await serve(app);
+    const connection = await RawConnection.open(s.port);
+    connection.send('/broken');
+    await eventually(() => connection.closed, 1000, 'connection closed');
+    await eventually(() => gate.active === 0, 1000, 'permit released');
+    expect(breaker.stats().totals.failures).to.equal(1);
+    expect(errors).to.deep.equal([]);
+  });
+
+  it('gives the handler req.signal, aborted with the TimeoutError', async () => {
+    const app = express();
+    let reason: unknown;
+    app.get('/signal', guard(timeout(30)), async (req, res) => {
+      await new Promise<void>((resolve) => req.signal.addEventListener('abort', () => resolve(), { once: true }));
+      reason = req.signal.reason;
+      res.json({});
+    });
+    const s = await serve(app);
+    expect((await request(s, '/signal')).status).to.equal(503);
+    expect((reason as Error).name).to.equal('TimeoutError');
+  });
+});

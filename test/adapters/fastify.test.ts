@@ -1,0 +1,181 @@
+// Fastify specifics: the plugin and route config, Fastify's own handlerTimeout next to the
+// guard's, late sends with a real logger, handler styles (return, send, return reply).
+
+import { Writable } from 'node:stream';
+import { expect } from 'chai';
+import Fastify, { type FastifyInstance } from 'fastify';
+import bulwark from '../../adapters/fastify.js';
+import { circuitBreaker } from '../../lib/circuit-breaker.js';
+import { pipeline } from '../../lib/pipeline.js';
+import { timeout } from '../../lib/timeout.js';
+import { RawConnection, request, sleep, Watchdog, type TestServer } from './support.js';
+
+describe('fastify adapter', function () {
+  this.timeout(5000);
+  let app: FastifyInstance | undefined;
+  let logs: Array<{ level: number; msg?: string; err?: { code?: string } }>;
+  let watchdog: Watchdog;
+
+  async function build(): Promise<FastifyInstance> {
+    logs = [];
+    const stream = new Writable({
+      write(chunk: Buffer, _encoding, callback) {
+        logs.push(JSON.parse(chunk.toString()) as (typeof logs)[number]);
+        callback();
+      },
+    });
+    app = Fastify({ logger: { level: 'info', stream }, forceCloseConnections: true });
+    await app.register(bulwark);
+    app.get('/ok', async () => ({ ok: true }));
+    return app;
+  }
+
+  async function listen(instance: FastifyInstance): Promise<TestServer> {
+    await instance.listen({ port: 0, host: '127.0.0.1' });
+    const port = (instance.server.address() as { port: number }).port;
+    return { port, url: `http://127.0.0.1:${port}`, errors: [], logs: [], close: () => instance.close() };
+  }
+
+  beforeEach(() => {
+    watchdog = new Watchdog().start();
+  });
+
+  afterEach(async () => {
+    watchdog.stop();
+    await app?.close();
+    app = undefined;
+  });
+
+  const warnings = (): unknown[] => logs.filter((entry) => entry.level >= 40);
+
+  it('drops a late reply.send without FST_ERR_REP_ALREADY_SENT, with a real logger', async () => {
+    const instance = await build();
+    instance.get('/late', { config: { bulwark: { policy: timeout(40) } } }, async (_request, reply) => {
+      await sleep(100);
+      reply.send({ late: true });
+      return reply;
+    });
+    const s = await listen(instance);
+    const connection = await RawConnection.open(s.port);
+    connection.send('/late');
+    expect((await connection.read()).status).to.equal(503);
+    await sleep(120);
+    expect(connection.pending).to.equal(0);
+    connection.send('/ok');
+    expect((await connection.read()).status).to.equal(200);
+    connection.close();
+    expect(warnings()).to.deep.equal([]);
+    expect(watchdog.events).to.deep.equal([]);
+  });
+
+  it('with Fastify handlerTimeout shorter than the guard: one answer, and request.signal says why first', async () => {
+    const instance = await build();
+    let reason: unknown;
+    instance.get('/fst', { handlerTimeout: 30, config: { bulwark: { policy: timeout(200), fallback: 'fb' } } }, async (request, reply) => {
+      await new Promise<void>((resolve) => request.signal.addEventListener('abort', () => resolve(), { once: true }));
+      reason = request.signal.reason;
+      reply.send({ late: true });
+      return reply;
+    });
+    const s = await listen(instance);
+    const connection = await RawConnection.open(s.port);
+    connection.send('/fst');
+    const answer = await connection.read();
+    expect(answer.status).to.equal(200);
+    expect(JSON.parse(answer.body)).to.deep.equal({ data: 'fb', source: 'fallback', status: 'degraded', reason: 'error' });
+    await sleep(50);
+    expect(connection.pending).to.equal(0);
+    connection.close();
+    expect((reason as { code?: string }).code).to.equal('FST_ERR_HANDLER_TIMEOUT');
+    expect(warnings()).to.deep.equal([]);
+  });
+
+  it('with Fastify handlerTimeout shorter and no fallback: Fastify\'s 503 stands, once', async () => {
+    const instance = await build();
+    instance.get('/fst-plain', { handlerTimeout: 30, config: { bulwark: { policy: timeout(200) } } }, async (request) => {
+      await new Promise<void>((resolve) => request.signal.addEventListener('abort', () => resolve(), { once: true }));
+      return { late: true };
+    });
+    const s = await listen(instance);
+    const connection = await RawConnection.open(s.port);
+    connection.send('/fst-plain');
+    const answer = await connection.read();
+    expect(answer.status).to.equal(503);
+    expect(JSON.parse(answer.body)).to.include({ code: 'FST_ERR_HANDLER_TIMEOUT' });
+    await sleep(50);
+    expect(connection.pending).to.equal(0);
+    connection.close();
+    expect(logs.some((entry) => entry.msg?.includes('already sent') || entry.err?.code === 'FST_ERR_REP_ALREADY_SENT')).to.equal(false);
+  });
+
+  it('with Fastify handlerTimeout longer than the guard: the guard answers once', async () => {
+    const instance = await build();
+    let reason: unknown;
+    instance.get('/ours', { handlerTimeout: 150, config: { bulwark: { policy: timeout(30) } } }, async (request) => {
+      await new Promise<void>((resolve) => request.signal.addEventListener('abort', () => resolve(), { once: true }));
+      reason = request.signal.reason;
+      await sleep(200);
+      return { late: true };
+    });
+    const s = await listen(instance);
+    const connection = await RawConnection.open(s.port);
+    connection.send('/ours');
+    expect((await connection.read()).status).to.equal(503);
+    await sleep(300);
+    expect(connection.pending).to.equal(0);
+    connection.close();
+    expect((reason as Error).name).to.equal('TimeoutError');
+    expect(warnings()).to.deep.equal([]);
+  });
+
+  it('supports every handler style: return a value, reply.send, return reply, sync', async () => {
+    const instance = await build();
+    const breaker = circuitBreaker({ consecutiveFailures: 1, openMs: 10_000 });
+    const config = { bulwark: { policy: breaker } };
+    instance.get('/return', { config }, async () => ({ style: 'return' }));
+    instance.get('/send', { config }, (_request, reply) => {
+      setTimeout(() => reply.send({ style: 'send' }), 10);
+    });
+    instance.get('/reply', { config }, async (_request, reply) => {
+      reply.send({ style: 'reply' });
+      return reply;
+    });
+    instance.get('/sync', { config }, () => ({ style: 'sync' }));
+    const s = await listen(instance);
+    for (const style of ['return', 'send', 'reply', 'sync']) {
+      expect((await request(s, `/${style}`)).json).to.deep.equal({ style });
+    }
+    expect(breaker.stats().totals.successes).to.equal(4);
+    expect(warnings()).to.deep.equal([]);
+  });
+
+  it('lets Fastify answer a handler error nothing replaces (its error handler, its status)', async () => {
+    const instance = await build();
+    instance.setErrorHandler((error, _request, reply) => {
+      void reply.code(500).send({ handled: (error as Error).message });
+    });
+    instance.get('/throws', { config: { bulwark: { policy: pipeline() } } }, async () => {
+      throw new Error('boom');
+    });
+    const s = await listen(instance);
+    expect((await request(s, '/throws')).json).to.deep.equal({ handled: 'boom' });
+  });
+
+  it('guards routes of child plugins registered after it, and leaves unconfigured routes alone', async () => {
+    const instance = await build();
+    const open = circuitBreaker();
+    open.forceOpen();
+    await instance.register(async (child) => {
+      child.get('/child', { config: { bulwark: { policy: open } } }, async () => ({ child: true }));
+      child.get('/plain', async () => ({ plain: true }));
+    });
+    const s = await listen(instance);
+    expect((await request(s, '/child')).status).to.equal(503);
+    expect((await request(s, '/plain')).json).to.deep.equal({ plain: true });
+  });
+
+  it('refuses a config.bulwark that is not an object, at registration', async () => {
+    const instance = await build();
+    expect(() => instance.get('/bad', { config: { bulwark: 'nope' as never } }, async () => ({}))).to.throw(TypeError, /config\.bulwark/);
+  });
+});

@@ -1,0 +1,137 @@
+// Koa specifics: an answer set on the context that a late downstream cannot change, no
+// 'error' event for a late rejection, upstream middleware seeing the guard's answer.
+
+import { once } from 'node:events';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import Router from '@koa/router';
+import { expect } from 'chai';
+import Koa from 'koa';
+import { guard } from '../../adapters/koa.js';
+import { circuitBreaker } from '../../lib/circuit-breaker.js';
+import { pipeline } from '../../lib/pipeline.js';
+import { timeout } from '../../lib/timeout.js';
+import { RawConnection, request, sleep, Watchdog, type TestServer } from './support.js';
+
+describe('koa adapter', function () {
+  this.timeout(5000);
+  let server: http.Server | undefined;
+  let watchdog: Watchdog;
+  let errors: unknown[];
+
+  async function serve(app: Koa, router: Router): Promise<TestServer> {
+    app.silent = true;
+    app.on('error', (error: unknown) => errors.push(error));
+    router.get('/ok', (ctx) => {
+      ctx.body = { ok: true };
+    });
+    app.use(router.routes());
+    server = http.createServer(app.callback());
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const port = (server.address() as AddressInfo).port;
+    return { port, url: `http://127.0.0.1:${port}`, errors, logs: [], close: async () => {} };
+  }
+
+  beforeEach(() => {
+    errors = [];
+    watchdog = new Watchdog().start();
+  });
+
+  afterEach(async () => {
+    watchdog.stop();
+    server?.closeAllConnections();
+    await new Promise<void>((resolve) => (server === undefined ? resolve() : server.close(() => resolve())));
+    server = undefined;
+  });
+
+  it('keeps the timeout answer when downstream writes status, headers and body in the same tick as the abort', async () => {
+    const app = new Koa();
+    const router = new Router();
+    router.get('/race', guard(timeout(40)), async (ctx) => {
+      await new Promise<void>((resolve) => ctx.signal.addEventListener('abort', () => resolve(), { once: true }));
+      // Runs in the microtasks right after the abort, before Koa writes the response.
+      ctx.status = 500;
+      ctx.set('x-late', 'yes');
+      ctx.type = 'text/html';
+      ctx.body = '<h1>late</h1>';
+    });
+    const s = await serve(app, router);
+    const connection = await RawConnection.open(s.port);
+    connection.send('/race');
+    const answer = await connection.read();
+    expect(answer.status).to.equal(503);
+    expect(answer.headers['x-late']).to.equal(undefined);
+    expect(answer.headers['content-type']).to.match(/^application\/json/);
+    expect(answer.body).to.equal('{"error":"Service Unavailable","reason":"timeout","retryAfter":1}');
+    await sleep(50);
+    expect(connection.pending).to.equal(0);
+    connection.send('/ok');
+    expect((await connection.read()).status).to.equal(200);
+    connection.close();
+    expect(errors).to.deep.equal([]);
+    expect(watchdog.events).to.deep.equal([]);
+  });
+
+  it('shows the guard answer to middleware mounted before it, and emits no error for a late rejection', async () => {
+    const app = new Koa();
+    const router = new Router();
+    const seen: number[] = [];
+    app.use(async (ctx, next) => {
+      await next();
+      seen.push(ctx.status);
+    });
+    router.get('/slow', guard(timeout(30)), async () => {
+      await sleep(80);
+      throw new Error('late and secret');
+    });
+    const s = await serve(app, router);
+    expect((await request(s, '/slow')).status).to.equal(503);
+    await sleep(100);
+    expect(seen).to.deep.equal([503]);
+    expect(errors).to.deep.equal([]);
+    expect(watchdog.events).to.deep.equal([]);
+  });
+
+  it('rethrows a handler error nothing replaces, so Koa answers and reports it as usual', async () => {
+    const app = new Koa();
+    const router = new Router();
+    const breaker = circuitBreaker({ consecutiveFailures: 5, openMs: 10_000 });
+    const failure = new Error('boom');
+    router.get('/throws', guard(breaker), () => {
+      throw failure;
+    });
+    const s = await serve(app, router);
+    const answer = await request(s, '/throws');
+    expect(answer.status).to.equal(500);
+    expect(answer.text).to.equal('Internal Server Error');
+    expect(errors).to.deep.equal([failure]);
+    expect(breaker.stats().totals.failures).to.equal(1);
+  });
+
+  it('replaces a failing status set on the context (and a streamed body) with the fallback', async () => {
+    const app = new Koa();
+    const router = new Router();
+    router.get('/status', guard(pipeline(), { fallback: 'fb' }), (ctx) => {
+      ctx.status = 503;
+      ctx.body = { error: 'upstream' };
+    });
+    const s = await serve(app, router);
+    const answer = await request(s, '/status');
+    expect(answer.status).to.equal(200);
+    expect(answer.json).to.deep.equal({ data: 'fb', source: 'fallback', status: 'degraded', reason: 'error' });
+  });
+
+  it('gives downstream ctx.signal, aborted with the TimeoutError', async () => {
+    const app = new Koa();
+    const router = new Router();
+    let reason: unknown;
+    router.get('/signal', guard(timeout(30)), async (ctx) => {
+      await new Promise<void>((resolve) => ctx.signal.addEventListener('abort', () => resolve(), { once: true }));
+      reason = ctx.signal.reason;
+    });
+    const s = await serve(app, router);
+    expect((await request(s, '/signal')).status).to.equal(503);
+    expect((reason as Error).name).to.equal('TimeoutError');
+  });
+});
