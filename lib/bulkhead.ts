@@ -3,6 +3,7 @@ import { systemClock, type Clock } from './clock.js';
 import { DeadlineQueue, type DeadlineEntry } from './deadline-queue.js';
 import { BulkheadFullError, withoutStack } from './errors.js';
 import type { Unsubscribe } from './events.js';
+import { DEFER, enter, leave } from './fused.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
 import { clockOption, duration, knownKeys, name as nameOption, nonNegativeInteger, optionsObject, positiveInteger } from './validate.js';
 
@@ -120,6 +121,22 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
     }
     if (this.waiting.size >= this.queue) return Promise.reject(this.refuse());
     return this.wait(fn, call, scope);
+  }
+
+  /** Fused pipelines: a free place is taken at once; anything else goes through `[run]`. */
+  [enter](call: Call): unknown {
+    if (this.running >= this.limit) return DEFER;
+    const events = this.events;
+    if (events !== undefined && (events.has('success') || events.has('failure'))) return DEFER;
+    const scope = call.scope;
+    if (scope !== undefined && scope.aborted) return DEFER;
+    this.running++;
+    this.admitted++;
+    return undefined;
+  }
+
+  [leave](): void {
+    this.release();
   }
 
   stats(): BulkheadStats {

@@ -1,6 +1,7 @@
 import type { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { CircuitOpenError, isClientDisconnected, isGuardRejection, withoutStack } from './errors.js';
+import { DEFER, enter, leave } from './fused.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
 import type { BreakerLink, BreakerStore, SharedBreakerState } from './stores/types.js';
 import { clockOption, duration, fail, func, knownKeys, name as validName, oneOf, optionsObject, percentage, positiveInteger } from './validate.js';
@@ -279,6 +280,34 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     if (state.state !== 'closed') return this.runNotClosed(fn, call);
     const start = this.slowCallMs !== Infinity || this.listening() ? this.clock.now() : NaN;
     return this.runAdmitted(fn, call, state, start);
+  }
+
+  /**
+   * Fused pipelines: a closed breaker that needs no timing admits at once and hears the
+   * outcome through `[leave]`; every other case goes through `[run]`.
+   */
+  [enter](call: Call): unknown {
+    this.ensureAttached();
+    const state = this.current;
+    if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.listening()) return DEFER;
+    const scope = call.scope;
+    if (scope !== undefined && scope.aborted) return DEFER;
+    return state;
+  }
+
+  [leave](token: unknown, call: Call, outcome: unknown, failed: boolean): void {
+    const admitted = token as MachineState;
+    const scope = call.scope;
+    if (scope !== undefined && scope.aborted) {
+      // As in `runScoped`: a timeout is a failure, any other abort says nothing.
+      const reason = scope.reason;
+      if (isGuardRejection(reason) && reason.reason === 'timeout') this.settleError(admitted, reason, NaN);
+      else this.settleIgnored(admitted, reason, NaN);
+    } else if (failed) {
+      this.settleError(admitted, outcome, NaN);
+    } else {
+      this.settleResult(admitted, outcome, NaN);
+    }
   }
 
   stats(): CircuitBreakerStats {

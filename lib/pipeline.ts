@@ -1,3 +1,4 @@
+import { compile, FusedSegment, runNested } from './fused.js';
 import { BasePolicy, defaultName, run, runPolicy, type Call, type InternalFunction, type Policy } from './policy.js';
 
 export interface PipelineStats {
@@ -29,10 +30,22 @@ export class Pipeline extends BasePolicy<PipelineStats> {
       }
     });
     this.policies = [...policies];
+    // A nested pipeline of ours is only composition, so its guards join this one's and
+    // can be fused with their neighbours.
+    this.parts = compile(this.policies.flatMap((policy) => (policy instanceof Pipeline ? policy.flat : [policy])));
   }
 
+  /** The guards in order, nested pipelines of ours opened up. */
+  private get flat(): readonly Policy[] {
+    return this.parts.flatMap((part) => (part instanceof FusedSegment ? part.policies : [part]));
+  }
+
+  private readonly parts: ReadonlyArray<FusedSegment | Policy>;
+
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    return runFrom(this.policies, 0, fn, call);
+    const parts = this.parts;
+    if (parts.length === 1 && parts[0] instanceof FusedSegment) return parts[0].run(fn, call);
+    return runParts(parts, 0, fn, call);
   }
 
   children(): Iterable<Policy> {
@@ -44,10 +57,11 @@ export class Pipeline extends BasePolicy<PipelineStats> {
   }
 }
 
-function runFrom<T>(policies: readonly Policy[], index: number, fn: InternalFunction<T>, call: Call): Promise<T> {
-  if (index === policies.length - 1) return runPolicy(policies[index]!, fn, call);
-  if (index >= policies.length) return Promise.resolve().then(() => fn(call));
-  return runPolicy(policies[index]!, (inner) => runFrom(policies, index + 1, fn, inner), call);
+function runParts<T>(parts: ReadonlyArray<FusedSegment | Policy>, index: number, fn: InternalFunction<T>, call: Call): Promise<T> {
+  const part = parts[index];
+  if (part === undefined) return runNested([], 0, fn, call);
+  const next: InternalFunction<T> = index === parts.length - 1 ? fn : (inner) => runParts(parts, index + 1, fn, inner);
+  return part instanceof FusedSegment ? part.run(next, call) : runPolicy(part, next, call);
 }
 
 /** Every policy inside `policy` (itself included), depth first. */

@@ -94,7 +94,7 @@ export interface InternalPolicy<Stats extends object = object> extends Policy<St
 /** The object a guarded function receives; its signal is created on first read. */
 export class Call implements ExecuteContext {
   constructor(
-    private cancellation: Scope | undefined,
+    protected cancellation: Scope | undefined,
     readonly attempt: number,
     readonly context: CallContext,
   ) {}

@@ -1,6 +1,7 @@
 import { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { DeadlineQueue, type DeadlineEntry } from './deadline-queue.js';
+import { deadline, type DeadlineOwner, type TimedScope } from './fused.js';
 import { TimeoutError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
 import { clockOption, duration, knownKeys, name as nameOption, optionsObject } from './validate.js';
@@ -73,7 +74,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     const pending = new PendingCall(call.scope);
     capturing = pending;
     const promise = new Promise<T>(capture);
-    this.deadlines.push(pending);
+    this.deadlines.push(pending, this.timed());
     let result: T | PromiseLike<T>;
     try {
       result = fn(call.withScope(pending));
@@ -96,10 +97,27 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     return { timeoutMs: this.ms, pending: this.deadlines.size, calls: this.calls, timedOut: this.timedOut };
   }
 
+  /** A fused pipeline segment times a call: it gets the child scope and hears of expiry. */
+  [deadline](call: Call, owner: DeadlineOwner): TimedScope {
+    this.calls++;
+    const pending = new PendingCall(call.scope);
+    pending.policy = this;
+    pending.owner = owner;
+    this.deadlines.push(pending, this.timed());
+    return pending;
+  }
+
   /** The function settled, one way or the other; ignored once the deadline has passed. */
   private settle(pending: PendingCall, outcome: unknown, failed: boolean): void {
+    if (!this.finish(pending, outcome, failed)) return;
+    if (failed) pending.reject(outcome);
+    else pending.resolve(outcome);
+  }
+
+  /** Ends the deadline of a call that settled; false when the deadline came first. */
+  finish(pending: PendingCall, outcome: unknown, failed: boolean): boolean {
     // Out of the queue already: the deadline came first, and the caller has its answer.
-    if (!this.deadlines.delete(pending)) return;
+    if (!this.deadlines.delete(pending)) return false;
     // Unlinks from the caller's scope or signal, so a long-lived caller signal does not
     // collect one listener per call.
     pending.dispose();
@@ -111,8 +129,13 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
         events.emit('failure', { error: outcome, durationMs: this.elapsed(pending) });
       }
     }
-    if (failed) pending.reject(outcome);
-    else pending.resolve(outcome);
+    return true;
+  }
+
+  /** Durations are reported only to listeners, and need a precise start. */
+  private timed(): boolean {
+    const events = this.events;
+    return events !== undefined && (events.has('success') || events.has('failure'));
   }
 
   private elapsed(pending: PendingCall): number {
@@ -127,7 +150,8 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     // the caller hears of it. Aborting also unlinks the scope from its parent.
     pending.abort(error);
     pending.dispose();
-    pending.reject(error);
+    if (pending.owner !== undefined) pending.owner.expired(error);
+    else pending.reject(error);
     if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'timeout', error });
   }
 }
@@ -136,12 +160,19 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
  * One call in flight. It is the call's child scope (one allocation instead of two), its
  * deadline-queue entry, and holds the settle functions of the promise the caller awaits.
  */
-class PendingCall extends Scope implements DeadlineEntry {
+class PendingCall extends Scope implements DeadlineEntry, TimedScope {
   deadline = 0;
   /** In the deadline queue: neither settled nor expired yet. */
   queued = false;
   resolve!: (value: unknown) => void;
   reject!: (error: unknown) => void;
+  /** Set when a fused pipeline segment owns the call's promise. */
+  policy: Timeout | undefined;
+  owner: DeadlineOwner | undefined;
+
+  close(outcome: unknown, failed: boolean): boolean {
+    return this.policy!.finish(this, outcome, failed);
+  }
 }
 
 // The promise executor runs synchronously inside `new Promise`, so a module slot hands it

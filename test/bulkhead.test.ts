@@ -278,9 +278,11 @@ describe('bulkhead', () => {
 
       await clock.tickAsync(40); // t = 100
       expect([a.state, b.state, c.state]).to.deep.equal(['rejected', 'pending', 'pending']);
+      // b queued while the queue's timer ran: its deadline is stamped on the next tick
+      // (every ceil(100 / 16) = 7 ms): never early, at most one tick late.
       await clock.tickAsync(29); // t = 129
       expect(b.state).to.equal('pending');
-      await clock.tickAsync(1); // t = 130
+      await clock.tickAsync(8); // t = 137
       expect([b.state, c.state]).to.deep.equal(['rejected', 'pending']);
       gate.resolve();
       await first;

@@ -157,7 +157,8 @@ describe('pipeline of the core guards', () => {
           }),
         ),
       );
-      await clock.tickAsync(50);
+      // The later calls' deadlines are stamped on the timeout's next tick (ceil(50 / 16) ms).
+      await clock.tickAsync(50 + 4);
       expect(signals.map((s) => s.aborted)).to.deep.equal([true, true, true]);
       // The fallback sits inside the timeout: it never saw the rejection.
       expect(calls.map((c) => c.error instanceof TimeoutError)).to.deep.equal([true, true, true]);

@@ -177,11 +177,16 @@ describe('timeout', () => {
       const c = track(guard.execute(never));
       await clock.tickAsync(40); // t = 100
       expect([a.state, b.state, c.state]).to.deep.equal(['rejected', 'pending', 'pending']);
-      await clock.tickAsync(29);
+      // b and c arrived while the queue was busy: stamped on its next tick (every
+      // ceil(100 / 16) = 7 ms), so each expires no earlier than its 100 ms and at most
+      // one tick later.
+      await clock.tickAsync(29); // t = 129
       expect(b.state).to.equal('pending');
-      await clock.tickAsync(1); // t = 130
+      await clock.tickAsync(8); // t = 137
       expect([b.state, c.state]).to.deep.equal(['rejected', 'pending']);
-      await clock.tickAsync(30); // t = 160
+      await clock.tickAsync(22); // t = 159
+      expect(c.state).to.equal('pending');
+      await clock.tickAsync(8); // t = 167
       expect(c.state).to.equal('rejected');
       expect(guard.stats()).to.include({ pending: 0, timedOut: 3 });
     });
@@ -191,7 +196,8 @@ describe('timeout', () => {
       const gates = Array.from({ length: 10 }, () => deferred<number>());
       const results = gates.map((gate) => track(guard.execute(() => gate.promise)));
       gates.forEach((gate, i) => i % 2 === 0 && gate.resolve(i));
-      await clock.tickAsync(100);
+      // The first call stamped its deadline at once (idle queue), the others on the first tick.
+      await clock.tickAsync(100 + 7);
       expect(results.map((r) => r.state)).to.deep.equal(Array.from({ length: 10 }, (_, i) => (i % 2 === 0 ? 'fulfilled' : 'rejected')));
       expect(guard.stats()).to.include({ timedOut: 5, pending: 0 });
     });
@@ -330,10 +336,11 @@ describe('DeadlineQueue', () => {
     queue.push(new Entry(3));
     queue.delete(a); // the timer armed for a now finds b at the head
     await clock.tickAsync(200);
-    expect(expired).to.deep.equal([
-      [2, 110],
-      [3, 120],
-    ]);
+    // b and c came while the timer ran: stamped on its next tick (every 7 ms), so each
+    // expires no earlier than its own 100 ms and at most one tick later.
+    expect(expired.map(([id]) => id)).to.deep.equal([2, 3]);
+    expect(expired[0]![1]).to.be.within(110, 117);
+    expect(expired[1]![1]).to.be.within(120, 127);
     expect(queue.size).to.equal(0);
     expect(clock.countTimers()).to.equal(0);
   });
@@ -368,7 +375,7 @@ describe('DeadlineQueue', () => {
       }
     };
     try {
-      clock.tick(50);
+      clock.tick(50 + 4); // the second entry is stamped on the first tick, ceil(50 / 16) ms in
     } finally {
       globalThis.queueMicrotask = original;
     }

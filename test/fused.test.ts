@@ -1,0 +1,159 @@
+import { expect } from 'chai';
+import sinon from 'sinon';
+import { bulkhead } from '../lib/bulkhead.js';
+import { circuitBreaker } from '../lib/circuit-breaker.js';
+import { BulkheadFullError, CircuitOpenError, ClientDisconnectedError, TimeoutError } from '../lib/errors.js';
+import { fallback } from '../lib/fallback.js';
+import { compile, FusedSegment } from '../lib/fused.js';
+import { pipeline } from '../lib/pipeline.js';
+import { retry } from '../lib/retry.js';
+import { timeout } from '../lib/timeout.js';
+
+// A pipeline runs each run of guards that admit synchronously as one layer. These tests
+// hold that layer to the behaviour of the nested guards it replaces.
+
+const hang = (): Promise<never> => new Promise<never>(() => undefined);
+
+async function outcome(promise: Promise<unknown>): Promise<unknown> {
+  try {
+    return await promise;
+  } catch (error) {
+    return error;
+  }
+}
+
+describe('fused pipeline segments', () => {
+  let clock: sinon.SinonFakeTimers;
+  beforeEach(() => {
+    clock = sinon.useFakeTimers();
+  });
+  afterEach(() => clock.restore());
+
+  describe('compile', () => {
+    it('fuses runs of synchronous guards, one timeout per segment, and leaves the others alone', () => {
+      const [b, t1, c, t2, f, r] = [bulkhead({ limit: 1 }), timeout(10), circuitBreaker(), timeout(20), fallback(0), retry()];
+      const parts = compile([b, t1, c, t2, f, r, bulkhead({ limit: 2 })]);
+      expect(parts).to.have.length(5);
+      expect((parts[0] as FusedSegment).policies).to.deep.equal([b, t1, c]);
+      expect((parts[0] as FusedSegment).timeoutAt).to.equal(1);
+      expect((parts[1] as FusedSegment).policies).to.deep.equal([t2]);
+      expect(parts[2]).to.equal(f);
+      expect(parts[3]).to.equal(r);
+      expect(parts[4]).to.not.be.instanceOf(FusedSegment);
+    });
+
+    it('opens up nested pipelines so their guards fuse with their neighbours', async () => {
+      const b = bulkhead({ limit: 1 });
+      const guard = pipeline(b, pipeline(timeout(10), circuitBreaker()));
+      expect(await guard.execute(() => 'ok')).to.equal('ok');
+      expect(b.stats().active).to.equal(0);
+      expect([...guard.children()]).to.have.length(2);
+    });
+  });
+
+  it('runs the function once, hands back its value, and frees every place', async () => {
+    const b = bulkhead({ limit: 2 });
+    const breaker = circuitBreaker();
+    const guard = pipeline(b, timeout(1000), breaker);
+    let calls = 0;
+    expect(await guard.execute(() => ++calls)).to.equal(1);
+    expect(calls).to.equal(1);
+    expect(b.stats()).to.include({ active: 0, queued: 0 });
+    expect(breaker.stats().totals.successes).to.equal(1);
+  });
+
+  it('counts a hung call as a breaker failure the moment the timeout fires, and frees the bulkhead place', async () => {
+    const b = bulkhead({ limit: 5 });
+    const breaker = circuitBreaker({ consecutiveFailures: 2 });
+    const guard = pipeline(b, timeout(100), breaker);
+    const first = outcome(guard.execute(hang));
+    const second = outcome(guard.execute(hang));
+    expect(b.stats().active).to.equal(2);
+    await clock.tickAsync(100 + 7);
+    expect(await first).to.be.instanceOf(TimeoutError);
+    expect(await second).to.be.instanceOf(TimeoutError);
+    expect(b.stats().active).to.equal(0);
+    expect(breaker.state).to.equal('open');
+    expect(await outcome(guard.execute(() => 'not called'))).to.be.instanceOf(CircuitOpenError);
+  });
+
+  it('gives the signal a TimeoutError as its reason, and ignores the late answer', async () => {
+    const breaker = circuitBreaker();
+    const guard = pipeline(timeout(50), breaker);
+    let signal: AbortSignal | undefined;
+    let finish!: (value: string) => void;
+    const result = outcome(
+      guard.execute((ctx) => {
+        signal = ctx.signal;
+        return new Promise<string>((resolve) => (finish = resolve));
+      }),
+    );
+    await clock.tickAsync(50);
+    expect(signal!.reason).to.be.instanceOf(TimeoutError);
+    finish('late');
+    expect(await result).to.be.instanceOf(TimeoutError);
+    await clock.tickAsync(0);
+    expect(breaker.stats().totals).to.include({ failures: 1, successes: 0 });
+  });
+
+  it('frees the outer places when an inner guard refuses', async () => {
+    const b = bulkhead({ limit: 1 });
+    const breaker = circuitBreaker();
+    breaker.forceOpen();
+    const t = timeout(100);
+    const guard = pipeline(b, t, breaker);
+    expect(await outcome(guard.execute(() => 'x'))).to.be.instanceOf(CircuitOpenError);
+    expect(b.stats().active).to.equal(0);
+    expect(t.stats().pending).to.equal(0);
+  });
+
+  it('takes the ordinary path when the bulkhead must queue, and still frees everything', async () => {
+    const b = bulkhead({ limit: 1, queue: 1 });
+    const breaker = circuitBreaker();
+    const guard = pipeline(b, timeout(1000), breaker);
+    let release!: () => void;
+    const first = guard.execute(() => new Promise<string>((resolve) => (release = () => resolve('first'))));
+    const second = guard.execute(() => 'second');
+    expect(b.stats()).to.include({ active: 1, queued: 1 });
+    expect(await outcome(guard.execute(() => 'third'))).to.be.instanceOf(BulkheadFullError);
+    release();
+    expect(await first).to.equal('first');
+    expect(await second).to.equal('second');
+    expect(b.stats()).to.include({ active: 0, queued: 0 });
+    expect(breaker.stats().totals.successes).to.equal(2);
+  });
+
+  it('counts neither way a call whose caller went away', async () => {
+    const breaker = circuitBreaker();
+    const guard = pipeline(bulkhead({ limit: 1 }), timeout(1000), breaker);
+    const controller = new AbortController();
+    const result = outcome(
+      guard.execute(
+        ({ signal }) =>
+          new Promise((_, reject) => {
+            signal.addEventListener('abort', () => reject(signal.reason));
+          }),
+        controller.signal,
+      ),
+    );
+    controller.abort(new ClientDisconnectedError());
+    expect(await result).to.be.instanceOf(ClientDisconnectedError);
+    expect(breaker.stats().totals).to.include({ failures: 0, successes: 0, ignored: 1 });
+  });
+
+  it('reports a synchronous throw of the function as a failure to every guard', async () => {
+    const b = bulkhead({ limit: 1 });
+    const breaker = circuitBreaker({ consecutiveFailures: 1 });
+    const guard = pipeline(b, breaker);
+    const error = new Error('sync');
+    expect(
+      await outcome(
+        guard.execute(() => {
+          throw error;
+        }),
+      ),
+    ).to.equal(error);
+    expect(b.stats().active).to.equal(0);
+    expect(breaker.state).to.equal('open');
+  });
+});
