@@ -49,7 +49,7 @@ describe('http mapping', () => {
         const answer = rejectionAnswer(rejection as CircuitOpenError, 503);
         expect(answer.status, rejection.reason).to.equal(status);
         expect(answer.body).to.equal(body);
-        expect(answer.headers['content-type']).to.equal('application/json; charset=utf-8');
+        expect(answer.headers['content-type']).to.equal('application/json');
         expect(answer.headers['retry-after']).to.equal(String(JSON.parse(body).retryAfter));
       }
     });
@@ -72,7 +72,7 @@ describe('http mapping', () => {
       const answer = degradedAnswer({ a: 1 }, 'cache', 'timeout');
       expect(answer.status).to.equal(200);
       expect(answer.body).to.equal('{"data":{"a":1},"source":"cache","status":"degraded","reason":"timeout"}');
-      expect(answer.headers).to.deep.equal({ 'content-type': 'application/json; charset=utf-8', 'cache-control': 'no-store' });
+      expect(answer.headers).to.deep.equal({ 'content-type': 'application/json', 'cache-control': 'no-store' });
     });
     it('sends undefined data as null, and throws for data JSON cannot hold', () => {
       expect(degradedAnswer(undefined, 'fallback', 'error').body).to.equal('{"data":null,"source":"fallback","status":"degraded","reason":"error"}');
@@ -93,7 +93,7 @@ describe('http mapping', () => {
         'ratelimit-limit': '1',
         'ratelimit-remaining': '0',
         'ratelimit-reset': '1',
-        'content-type': 'application/json; charset=utf-8',
+        'content-type': 'application/json',
       });
       expect(answer.body).to.equal('{"title":"x"}');
     });

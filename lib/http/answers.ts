@@ -27,7 +27,8 @@ export interface RejectResponse {
 }
 
 /** The content type of the guard's JSON answers. */
-export const JSON_TYPE = 'application/json; charset=utf-8';
+// Exactly what the SPEC names: JSON is UTF-8 by definition (RFC 8259), a charset adds nothing.
+export const JSON_TYPE = 'application/json';
 const TEXT_TYPE = 'text/plain; charset=utf-8';
 const BYTES_TYPE = 'application/octet-stream';
 
