@@ -107,7 +107,7 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
       return Promise.reject(error);
     }
     this.admitted++;
-    if (this.events?.active) return this.observe(fn, call);
+    if (this.events?.has('success') || this.events?.has('failure')) return this.observe(fn, call);
     try {
       return Promise.resolve(fn(call)) as Promise<T>;
     } catch (error) {
