@@ -85,6 +85,8 @@ export {
   type ChaosFault,
   type ChaosSwitch,
 } from './chaos.js';
+export { health, healthResponse, guardHealth, isDegrading, type Health, type GuardHealth, type GuardState } from './health.js';
+export { observe, type ObserveOptions, type ObserveLogger, type ObservableStore, type Policies } from './observe.js';
 export { memoryStore, MemoryStore, type MemoryStoreOptions } from './stores/memory.js';
 export type {
   RateLimitStore,
