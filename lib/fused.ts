@@ -1,5 +1,5 @@
 import type { Scope } from './cancellation.js';
-import { Call, runPolicy, type InternalFunction, type Policy } from './policy.js';
+import { Call, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
 
 // A pipeline of guards that each wrap the call in a promise of their own pays for every
 // layer: a promise, an `await`, a closure (~40 ns each on Node 20). Most guards decide
@@ -89,7 +89,7 @@ export class FusedSegment {
         return Promise.reject(error);
       }
       if (token === DEFER) return fused.answer(runNested(policies, i, fn, inner)) as Promise<T>;
-      fused.tokens[i] = token;
+      fused.setToken(i, token);
       fused.entered = i + 1;
     }
     let result: T | PromiseLike<T>;
@@ -107,8 +107,12 @@ export class FusedSegment {
  * inside the timeout see (with the timeout's scope), one object instead of two.
  */
 class FusedCall extends Call implements DeadlineOwner {
-  readonly tokens: unknown[] = [];
   entered = 0;
+  // The guards' tokens: three fields cover the usual pipeline without an array per call.
+  private token0: unknown = undefined;
+  private token1: unknown = undefined;
+  private token2: unknown = undefined;
+  private moreTokens: unknown[] | undefined = undefined;
   private deadlineScope: TimedScope | undefined = undefined;
   private done = false;
   private resolve: ((value: unknown) => void) | undefined = undefined;
@@ -118,7 +122,26 @@ class FusedCall extends Call implements DeadlineOwner {
     private readonly segment: FusedSegment,
     private readonly outer: Call,
   ) {
-    super(outer.scope, outer.attempt, outer.context);
+    super(outer.scope, outer.attempt, undefined);
+  }
+
+  /** One context for the whole call, even when the caller gave none and it is made late. */
+  override get context(): CallContext {
+    return this.outer.context;
+  }
+
+  setToken(index: number, token: unknown): void {
+    if (index === 0) this.token0 = token;
+    else if (index === 1) this.token1 = token;
+    else if (index === 2) this.token2 = token;
+    else (this.moreTokens ??= [])[index - 3] = token;
+  }
+
+  private token(index: number): unknown {
+    if (index === 0) return this.token0;
+    if (index === 1) return this.token1;
+    if (index === 2) return this.token2;
+    return this.moreTokens?.[index - 3];
   }
 
   timed(scope: TimedScope): void {
@@ -174,7 +197,7 @@ class FusedCall extends Call implements DeadlineOwner {
     const { policies, timeoutAt } = this.segment;
     for (let i = this.entered - 1; i >= 0; i--) {
       if (i === timeoutAt) continue;
-      (policies[i] as FusableGuard)[leave](this.tokens[i], i > timeoutAt && timeoutAt >= 0 ? this : this.outer, outcome, failed);
+      (policies[i] as FusableGuard)[leave](this.token(i), i > timeoutAt && timeoutAt >= 0 ? this : this.outer, outcome, failed);
     }
   }
 

@@ -96,8 +96,13 @@ export class Call implements ExecuteContext {
   constructor(
     protected cancellation: Scope | undefined,
     readonly attempt: number,
-    readonly context: CallContext,
+    private ownContext: CallContext | undefined,
   ) {}
+
+  /** The caller's context object, or one made on first read when the caller gave none. */
+  get context(): CallContext {
+    return (this.ownContext ??= {});
+  }
 
   /** The cancellation scope, or undefined when nothing can cancel this call. */
   get scope(): Scope | undefined {
@@ -158,7 +163,7 @@ export abstract class BasePolicy<Stats extends object, Events extends PolicyEven
   }
 
   execute<T>(fn: GuardedFunction<T>, signal?: AbortSignal, context?: CallContext): Promise<T> {
-    if (signal === undefined) return this[run](fn, new Call(undefined, 1, context ?? {}));
+    if (signal === undefined) return this[run](fn, new Call(undefined, 1, context));
     return executeWithSignal(this, fn, signal, context);
   }
 
@@ -169,7 +174,7 @@ export abstract class BasePolicy<Stats extends object, Events extends PolicyEven
 async function executeWithSignal<T>(policy: InternalPolicy, fn: GuardedFunction<T>, signal: AbortSignal, context: CallContext | undefined): Promise<T> {
   const scope = new Scope(signal);
   try {
-    return await policy[run](fn, new Call(scope, 1, context ?? {}));
+    return await policy[run](fn, new Call(scope, 1, context));
   } finally {
     scope.dispose();
   }
