@@ -6,6 +6,7 @@ import { BulkheadFullError, CircuitOpenError, ClientDisconnectedError, OverloadE
 import { AimdLimit } from '../lib/limits/aimd.js';
 import { GradientLimit } from '../lib/limits/gradient.js';
 import type { Clock } from '../lib/clock.js';
+import { deferred } from './helpers/promises.js';
 
 /** A clock the test moves by hand. */
 function manualClock(): Clock & { advance(ms: number): void } {
@@ -18,15 +19,6 @@ function manualClock(): Clock & { advance(ms: number): void } {
   };
 }
 
-function deferred<T = void>(): { promise: Promise<T>; resolve: (value: T) => void; reject: (error: unknown) => void } {
-  let resolve!: (value: T) => void;
-  let reject!: (error: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
 
 describe('adaptiveConcurrency', () => {
   describe('options', () => {

@@ -3,31 +3,10 @@ import { getEventListeners } from 'node:events';
 import sinon from 'sinon';
 import { bulkhead, type BulkheadOptions } from '../lib/bulkhead.js';
 import { BulkheadFullError, ClientDisconnectedError, isGuardRejection } from '../lib/errors.js';
+import { deferred, flush, track } from './helpers/promises.js';
 
-function deferred<T = void>(): { promise: Promise<T>; resolve: (value: T) => void; reject: (error: unknown) => void } {
-  let resolve!: (value: T) => void;
-  let reject!: (error: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
 
-/** Lets every pending promise reaction run. */
-async function flush(): Promise<void> {
-  for (let i = 0; i < 10; i++) await Promise.resolve();
-}
 
-/** The settled state of a promise, without awaiting it for good. */
-function track<T>(promise: Promise<T>): { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } {
-  const box: { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } = { state: 'pending' };
-  promise.then(
-    (value) => Object.assign(box, { state: 'fulfilled', value }),
-    (error: unknown) => Object.assign(box, { state: 'rejected', error }),
-  );
-  return box;
-}
 
 describe('bulkhead', () => {
   describe('options', () => {

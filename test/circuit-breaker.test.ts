@@ -3,6 +3,9 @@ import sinon from 'sinon';
 import { circuitBreaker, CircuitBreaker, type CircuitBreakerOptions } from '../lib/circuit-breaker.js';
 import { ClientDisconnectedError, CircuitOpenError, TimeoutError } from '../lib/errors.js';
 import type { BreakerLink, BreakerPeerHandler, BreakerStore, SharedBreakerState } from '../lib/stores/types.js';
+import { deferred as deferredOf, type Deferred } from './helpers/promises.js';
+
+const deferred = <T = string>(): Deferred<T> => deferredOf<T>();
 
 // Helpers ---------------------------------------------------------------------------------
 
@@ -29,22 +32,6 @@ async function rejection(promise: Promise<unknown>): Promise<unknown> {
 
 async function times(breaker: CircuitBreaker, n: number, fn: () => Promise<unknown>): Promise<void> {
   for (let i = 0; i < n; i++) await settle(breaker.execute(fn));
-}
-
-interface Deferred<T> {
-  promise: Promise<T>;
-  resolve(value: T): void;
-  reject(error: unknown): void;
-}
-
-function deferred<T = string>(): Deferred<T> {
-  let resolve!: (value: T) => void;
-  let reject!: (error: unknown) => void;
-  const promise = new Promise<T>((a, b) => {
-    resolve = a;
-    reject = b;
-  });
-  return { promise, resolve, reject };
 }
 
 /** Records every stateChange as `from>to:reason`. */

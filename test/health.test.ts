@@ -11,6 +11,7 @@ import { pipeline } from '../lib/pipeline.js';
 import { PressureSampler, type PressureMeasurements } from '../lib/pressure-sampler.js';
 import { rateLimit } from '../lib/rate-limit.js';
 import { timeout } from '../lib/timeout.js';
+import { deferred } from './helpers/promises.js';
 
 function fakeSampler(values: Partial<PressureMeasurements> = {}): { sampler: PressureSampler; values: PressureMeasurements } {
   const current: PressureMeasurements = { eventLoopDelayMs: 0, eventLoopUtilization: 0, heapUsedBytes: 0, rssBytes: 0, ...values };
@@ -19,11 +20,6 @@ function fakeSampler(values: Partial<PressureMeasurements> = {}): { sampler: Pre
 }
 
 /** A promise the test settles by hand, to hold a call in a guard. */
-function deferred(): { promise: Promise<void>; resolve: () => void } {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => (resolve = r));
-  return { promise, resolve };
-}
 
 describe('health', () => {
   let clock: sinon.SinonFakeTimers;

@@ -6,6 +6,7 @@ import { keyed } from '../lib/keyed.js';
 import { pipeline, walk } from '../lib/pipeline.js';
 import { BasePolicy, run, type Call, type CallContext, type InternalFunction, type NormalizedRequest, type Policy } from '../lib/policy.js';
 import { rateLimit } from '../lib/rate-limit.js';
+import { deferred } from './helpers/promises.js';
 
 /** The smallest policy: runs the function, remembers its key. */
 class Plain extends BasePolicy<{ key: string }> {
@@ -24,11 +25,6 @@ class Plain extends BasePolicy<{ key: string }> {
 const byTenant = (_request: NormalizedRequest | undefined, context: CallContext): string => String(context.tenant);
 const as = (tenant: string): CallContext => ({ tenant });
 
-function deferred(): { promise: Promise<void>; resolve: () => void } {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => (resolve = r));
-  return { promise, resolve };
-}
 
 describe('keyed', () => {
   it('is a policy of kind keyed with a default name', () => {

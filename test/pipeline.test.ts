@@ -7,15 +7,8 @@ import { pipeline, walk } from '../lib/pipeline.js';
 import { Call, type CallContext, type ExecuteContext, type Policy } from '../lib/policy.js';
 import { retry } from '../lib/retry.js';
 import { timeout } from '../lib/timeout.js';
+import { track } from './helpers/promises.js';
 
-function track<T>(promise: Promise<T>): { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } {
-  const box: { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } = { state: 'pending' };
-  promise.then(
-    (value) => Object.assign(box, { state: 'fulfilled', value }),
-    (error: unknown) => Object.assign(box, { state: 'rejected', error }),
-  );
-  return box;
-}
 
 /** Counts `new AbortController()` while installed: the lazy signal must not be made unasked. */
 function countAbortControllers(): { readonly count: number; restore(): void } {

@@ -5,6 +5,7 @@ import { BulkheadFullError, CircuitOpenError, ClientDisconnectedError, OverloadE
 import { pipeline } from '../lib/pipeline.js';
 import { isTransientError, retry, type RetryOptions } from '../lib/retry.js';
 import { timeout } from '../lib/timeout.js';
+import { track } from './helpers/promises.js';
 
 function httpError(status: number, extra: Record<string, unknown> = {}): Error {
   return Object.assign(new Error(`status ${status}`), { status }, extra);
@@ -14,14 +15,6 @@ function codeError(code: string): Error {
   return Object.assign(new Error(code), { code });
 }
 
-function track<T>(promise: Promise<T>): { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } {
-  const box: { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } = { state: 'pending' };
-  promise.then(
-    (value) => Object.assign(box, { state: 'fulfilled', value }),
-    (error: unknown) => Object.assign(box, { state: 'rejected', error }),
-  );
-  return box;
-}
 
 describe('retry', () => {
   describe('options', () => {

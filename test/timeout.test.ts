@@ -6,25 +6,9 @@ import sinon from 'sinon';
 import { DeadlineQueue, type DeadlineEntry } from '../lib/deadline-queue.js';
 import { ClientDisconnectedError, isGuardRejection, TimeoutError } from '../lib/errors.js';
 import { timeout, type TimeoutOptions } from '../lib/timeout.js';
+import { deferred, track } from './helpers/promises.js';
 
-function deferred<T = void>(): { promise: Promise<T>; resolve: (value: T) => void; reject: (error: unknown) => void } {
-  let resolve!: (value: T) => void;
-  let reject!: (error: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
 
-function track<T>(promise: Promise<T>): { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } {
-  const box: { state: 'pending' | 'fulfilled' | 'rejected'; value?: T; error?: unknown } = { state: 'pending' };
-  promise.then(
-    (value) => Object.assign(box, { state: 'fulfilled', value }),
-    (error: unknown) => Object.assign(box, { state: 'rejected', error }),
-  );
-  return box;
-}
 
 const never = (): Promise<never> => new Promise<never>(() => undefined);
 // Taken before any test fakes the timers: a real turn of the event loop.
