@@ -1,10 +1,10 @@
 import { Lru } from './lru.js';
+import { resolveKey, type KeyFunction } from './keys.js';
 import { walk } from './pipeline.js';
-import { BasePolicy, defaultName, run, runPolicy, type Call, type CallContext, type InternalFunction, type NormalizedRequest, type Policy, type PolicyEvents } from './policy.js';
+import { BasePolicy, defaultName, run, runPolicy, type Call, type CallContext, type InternalFunction, type Policy, type PolicyEvents } from './policy.js';
 import * as validate from './validate.js';
 
 // The key used for a key function that throws or returns nothing.
-const SHARED_KEY = '*';
 
 export interface KeyedOptions {
   /**
@@ -14,7 +14,7 @@ export interface KeyedOptions {
    * `undefined`, `null` or `''`, sends the call to the shared key `'*'` (and emits
    * `keyError` when it threw).
    */
-  key: (request: NormalizedRequest | undefined, context: CallContext) => string | number | undefined | null;
+  key: KeyFunction;
   /** Policies kept; the least recently used go first (default 10000). */
   maxKeys?: number;
   name?: string;
@@ -157,17 +157,12 @@ export class Keyed<P extends Policy = Policy> extends BasePolicy<KeyedStats, Key
   }
 
   private keyOf(context: CallContext): string {
-    let key: unknown;
-    try {
-      key = this.keyFn(context.request, context);
-    } catch (error) {
-      if (this.events?.has('keyError')) this.events.emit('keyError', { error });
-      return SHARED_KEY;
-    }
-    if (typeof key === 'string') return key.length > 0 ? key : SHARED_KEY;
-    if (typeof key === 'number' || typeof key === 'bigint') return String(key);
-    return SHARED_KEY;
+    return resolveKey(this.keyFn, context, this.reportKeyError);
   }
+
+  private readonly reportKeyError = (error: unknown): void => {
+    if (this.events?.has('keyError')) this.events.emit('keyError', { error });
+  };
 }
 
 /** True when `policy` is, or contains, an open circuit breaker. */

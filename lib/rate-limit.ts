@@ -1,13 +1,13 @@
 import { ipKey } from './client-ip.js';
+import { resolveKey, SHARED_KEY, type KeyFunction } from './keys.js';
 import { systemClock, type Clock } from './clock.js';
 import { RateLimitError, withoutStack } from './errors.js';
-import { BasePolicy, defaultName, run, type Call, type CallContext, type InternalFunction, type NormalizedRequest, type PolicyEvents } from './policy.js';
+import { BasePolicy, defaultName, run, type Call, type CallContext, type InternalFunction, type PolicyEvents } from './policy.js';
 import { memoryStore } from './stores/memory.js';
 import type { RateLimitAlgorithm, RateLimitDecision, RateLimitRule, RateLimitStore } from './stores/types.js';
 import * as validate from './validate.js';
 
 // The key used outside a request, for a key function that throws, or one that returns nothing.
-const SHARED_KEY = '*';
 
 export interface RateLimitOptions {
   /** Calls admitted per key per `windowMs` (required; a positive integer). */
@@ -21,7 +21,7 @@ export interface RateLimitOptions {
    * function that throws, or returns `undefined`, `null` or `''`, puts the call on the
    * shared key (and emits `keyError` when it threw).
    */
-  key?: (request: NormalizedRequest | undefined, context: CallContext) => string | number | undefined | null;
+  key?: KeyFunction;
   /** `'sliding-window'` (default) or `'token-bucket'`. */
   algorithm?: RateLimitAlgorithm;
   /** Keys the default memory store keeps, least recently used first out (default 100000). */
@@ -146,19 +146,12 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
       const ip = request?.ip;
       return typeof ip === 'string' && ip.length > 0 ? ipKey(ip) : SHARED_KEY;
     }
-    let key: unknown;
-    try {
-      key = this.keyFn(request, context);
-    } catch (error) {
-      // A broken key function must neither crash the request nor let it skip the limit:
-      // every such call draws from one shared budget, and the error is reported.
-      if (this.events?.has('keyError')) this.events.emit('keyError', { error });
-      return SHARED_KEY;
-    }
-    if (typeof key === 'string') return key.length > 0 ? key : SHARED_KEY;
-    if (typeof key === 'number' || typeof key === 'bigint') return String(key);
-    return SHARED_KEY;
+    return resolveKey(this.keyFn, context, this.reportKeyError);
   }
+
+  private readonly reportKeyError = (error: unknown): void => {
+    if (this.events?.has('keyError')) this.events.emit('keyError', { error });
+  };
 
   private decide<T>(decision: RateLimitDecision, key: string, fn: InternalFunction<T>, call: Call): Promise<T> {
     record(call.context, decision);
