@@ -187,7 +187,7 @@ describe('circuitBreaker properties', () => {
       | { op: 'start'; withSignal: boolean }
       | { op: 'settle'; index: number; how: 'success' | 'failure' | 'excluded' | 'client-gone' | 'timeout' }
       | { op: 'tick'; ms: number };
-    const actions = fc.array(
+    const actions: fc.Arbitrary<Action[]> = fc.array(
       fc.oneof(
         { weight: 5, arbitrary: fc.record({ op: fc.constant('start' as const), withSignal: fc.boolean() }) },
         {
