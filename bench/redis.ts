@@ -1,0 +1,129 @@
+// Rate-limit decisions through Redis: bulwark's redisStore against rate-limiter-flexible's
+// RateLimiterRedis, at concurrency 1, 16 and 128. Both use their own ioredis connection to
+// the same Redis; rounds are interleaved (and the order flips every round) so that drift of
+// a shared machine hits both alike; the table reports the median of the rounds.
+//
+// Run with `npm run bench:redis` (Redis at REDIS_URL, default redis://127.0.0.1:6379).
+// ROUNDS (default 5) and ROUND_MS (default 1000) tune the run.
+import { execFileSync } from 'node:child_process';
+import { cpus, loadavg } from 'node:os';
+import { Redis } from 'ioredis';
+import { RateLimiterRedis } from 'rate-limiter-flexible';
+import { redisStore } from '../lib/stores/redis.js';
+import type { RateLimitAlgorithm, RateLimitRule } from '../lib/stores/types.js';
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+const ROUNDS = Number(process.env.ROUNDS ?? 5);
+const ROUND_MS = Number(process.env.ROUND_MS ?? 1000);
+const CONCURRENCY = [1, 16, 128];
+const KEYS = Array.from({ length: 1000 }, (_, i) => `client-${i}`);
+const PREFIX = `bulwark-bench:${process.pid}:`;
+
+type Decide = (key: string) => unknown;
+
+interface Contender {
+  name: string;
+  decide: Decide;
+}
+
+interface Sample {
+  perSecond: number;
+  p99Ms: number;
+}
+
+async function connect(): Promise<Redis> {
+  const client = new Redis(REDIS_URL, { lazyConnect: true });
+  await client.connect();
+  return client;
+}
+
+function bulwark(client: Redis, algorithm: RateLimitAlgorithm): Contender {
+  const store = redisStore(client, { prefix: PREFIX });
+  // A budget no key exhausts during the run: every decision is a full read-modify-write.
+  const rule: RateLimitRule = Object.freeze({ name: `bench-${algorithm}`, limit: 1_000_000_000, windowMs: 60_000, algorithm });
+  return { name: `bulwark redisStore (${algorithm})`, decide: (key) => store.consume(rule, key) };
+}
+
+function flexible(client: Redis): Contender {
+  const limiter = new RateLimiterRedis({ storeClient: client, keyPrefix: `${PREFIX}rlf`, points: 1_000_000_000, duration: 60 });
+  return { name: 'rate-limiter-flexible RateLimiterRedis', decide: (key) => limiter.consume(key) };
+}
+
+async function measure(decide: Decide, concurrency: number): Promise<Sample> {
+  const latencies = new Float64Array(4_000_000);
+  let count = 0;
+  let next = 0;
+  const stopAt = performance.now() + ROUND_MS;
+  const worker = async (): Promise<void> => {
+    while (performance.now() < stopAt) {
+      const key = KEYS[next++ % KEYS.length]!;
+      const start = performance.now();
+      await decide(key);
+      latencies[count++] = performance.now() - start;
+    }
+  };
+  const start = performance.now();
+  await Promise.all(Array.from({ length: concurrency }, worker));
+  const elapsed = performance.now() - start;
+  const sorted = latencies.subarray(0, count).sort();
+  return { perSecond: (count / elapsed) * 1000, p99Ms: sorted[Math.floor(count * 0.99)]! };
+}
+
+const median = (values: number[]): number => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+};
+
+function redisVersion(): string {
+  try {
+    return execFileSync('redis-server', ['--version'], { encoding: 'utf8' }).match(/v=(\S+)/)?.[1] ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+
+const clients = await Promise.all([connect(), connect(), connect(), connect()]);
+const contenders = [bulwark(clients[0]!, 'sliding-window'), bulwark(clients[1]!, 'token-bucket'), flexible(clients[2]!)];
+const admin = clients[3]!;
+const load = loadavg()[0]!.toFixed(2);
+
+// Warm up: JIT, script caches, connections.
+for (const contender of contenders) await measure(contender.decide, 16);
+
+const samples = new Map<string, Sample[]>();
+for (const concurrency of CONCURRENCY) {
+  for (let round = 0; round < ROUNDS; round++) {
+    const order = round % 2 === 0 ? contenders : [...contenders].reverse();
+    for (const contender of order) {
+      const key = `${contender.name}@${concurrency}`;
+      const list = samples.get(key) ?? [];
+      list.push(await measure(contender.decide, concurrency));
+      samples.set(key, list);
+    }
+  }
+}
+
+const fmt = (n: number): string => Math.round(n).toLocaleString('en-US');
+console.log(
+  `\nRate-limit decisions through Redis ${redisVersion()} on loopback; Node ${process.version}, ${cpus().length} × ${cpus()[0]?.model.trim()}, ` +
+    `load average ${load} at start; median of ${ROUNDS} interleaved rounds of ${ROUND_MS} ms, 1000 keys.\n`,
+);
+console.log('| concurrency | ' + contenders.map((c) => `${c.name}: decisions/s, p99`).join(' | ') + ' |');
+console.log('|---:|' + contenders.map(() => '---:').join('|') + '|');
+for (const concurrency of CONCURRENCY) {
+  const cells = contenders.map((c) => {
+    const list = samples.get(`${c.name}@${concurrency}`)!;
+    return `${fmt(median(list.map((s) => s.perSecond)))}/s, ${median(list.map((s) => s.p99Ms)).toFixed(2)} ms`;
+  });
+  console.log(`| ${concurrency} | ${cells.join(' | ')} |`);
+}
+
+// Leave nothing behind in the shared Redis.
+let cursor = '0';
+do {
+  const [nextCursor, keys] = await admin.scan(cursor, 'MATCH', `${PREFIX}*`, 'COUNT', 1000);
+  cursor = nextCursor;
+  if (keys.length > 0) await admin.del(...keys);
+} while (cursor !== '0');
+await Promise.all(clients.map((client) => client.quit()));
