@@ -44,6 +44,8 @@ local limit = tonumber(ARGV[1])
 local windowMs = tonumber(ARGV[2])
 local s = redis.call('HMGET', key, 's', 'p', 'c')
 local stored = tonumber(s[1])
+-- A clock that steps back must not reset a spent window (slidingWindowConsume does the same).
+if stored ~= nil and now < stored then now = stored end
 local start = math.floor(now / windowMs) * windowMs
 local previous = 0
 local current = 0
@@ -55,7 +57,7 @@ elseif stored ~= nil and start - stored == windowMs then
 end
 local left = windowMs - (now - start)
 local estimate = (previous * left) / windowMs + current
-if estimate + 1 <= limit then
+if estimate + 1 <= limit + 1e-9 then
   if stored == start then
     redis.call('HINCRBY', key, 'c', 1)
   else
@@ -96,18 +98,21 @@ if s then
   tokens = tonumber(a)
   at = tonumber(b)
 end
-local refill = ((now - at) * limit) / windowMs
-tokens = math.min(limit, tokens + math.max(0, refill))
+-- A clock that steps back must not move 'at' back: the same span would refill twice.
+if now > at then
+  tokens = math.min(limit, tokens + ((now - at) * limit) / windowMs)
+  at = now
+end
 local allowed = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= 1 - 1e-9 then
+  tokens = math.max(0, tokens - 1)
   allowed = 1
 end
 local reset = math.ceil(((limit - tokens) * windowMs) / limit)
 -- Written on a refusal too: skipping it would describe the same bucket mathematically, but
 -- not to the last bit, and the two stores must decide alike at every edge. %.17g keeps
 -- every bit of both numbers.
-redis.call('SET', key, string.format('%.17g %.17g', tokens, now), 'PX', math.max(1, reset))
+redis.call('SET', key, string.format('%.17g %.17g', tokens, at), 'PX', math.max(1, reset))
 if allowed == 1 then return {1, math.floor(tokens), reset, 0} end
 return {0, 0, reset, math.max(1, math.ceil(((1 - tokens) * windowMs) / limit))}
 `);
