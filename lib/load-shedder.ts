@@ -70,6 +70,8 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
   private subscription: PressureSubscription | undefined;
   private admitted = 0;
   private rejected = 0;
+  /** `sampler.sampleCount` when this shedder last cut a loop turn short (see cutsTurn). */
+  private cutAtSample = -2;
 
   constructor(options: LoadShedderOptions) {
     if (options === undefined) fail(GUARD, 'options', 'an object with at least one limit', options);
@@ -90,9 +92,9 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
     this.sampler = o.sampler ?? sharedSampler;
   }
 
-  /** True while the last sample is over a limit. */
+  /** True while the last sample is over a limit, or while loop turns are being cut short. */
   get shedding(): boolean {
-    return this.sampler.running && this.isOver(this.sampler.latest);
+    return this.sampler.running && (this.isOver(this.sampler.latest) || this.cutting());
   }
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
@@ -100,7 +102,7 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
     if (subscription !== undefined && subscription.active) subscription.used = true;
     else this.subscription = this.sampler.subscribe(this.sampleIntervalMs);
 
-    if (this.isOver(this.sampler.latest)) {
+    if (this.isOver(this.sampler.latest) || this.cutsTurn()) {
       this.rejected++;
       const error = withoutStack(() => new OverloadError(this.name, this.retryAfterMs));
       if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'overloaded', error });
@@ -128,9 +130,30 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
     };
   }
 
+  /**
+   * The live half of `maxEventLoopDelayMs`: refuses the rest of a loop turn that has already
+   * run longer than the limit (the requests read in it have been waiting that long). The
+   * first call of every turn is admitted, so the loop always has work while requests come.
+   */
+  private cutsTurn(): boolean {
+    if (this.maxEventLoopDelayMs === Infinity || !this.sampler.turnExceeds(this.maxEventLoopDelayMs)) return false;
+    this.cutAtSample = this.sampler.sampleCount;
+    return true;
+  }
+
+  /**
+   * Whether this shedder cut a turn short during the interval the latest sample covers, or
+   * since. The delay sampled then is (at least in part) the one the cutting lets through,
+   * about the limit plus one call; shedding every call on it would leave the loop idle
+   * while requests wait, and cut goodput for nothing.
+   */
+  private cutting(): boolean {
+    return this.cutAtSample >= this.sampler.sampleCount - 1;
+  }
+
   private isOver(sample: PressureSample): boolean {
     return (
-      sample.eventLoopDelayMs > this.maxEventLoopDelayMs ||
+      (sample.eventLoopDelayMs > this.maxEventLoopDelayMs && !this.cutting()) ||
       sample.heapUsedBytes > this.maxHeapUsedBytes ||
       sample.rssBytes > this.maxRssBytes ||
       sample.eventLoopUtilization > this.maxEventLoopUtilization

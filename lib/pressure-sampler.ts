@@ -1,6 +1,6 @@
 import { monitorEventLoopDelay, performance as perfHooks, type EventLoopUtilization, type IntervalHistogram } from 'node:perf_hooks';
 import { systemClock, type Clock } from './clock.js';
-import { clockOption, duration, knownKeys, optionsObject } from './validate.js';
+import { clockOption, duration, func, knownKeys, optionsObject } from './validate.js';
 
 /** What the process looks like over the last sampling interval. */
 export interface PressureMeasurements {
@@ -103,6 +103,11 @@ export interface PressureSamplerOptions {
   clock?: Clock;
   /** Stop sampling once no subscriber has been used for this long (default 30000). */
   idleMs?: number;
+  /**
+   * The event loop's total idle time so far, in ms (default: `performance.eventLoopUtilization().idle`).
+   * It moves whenever the loop waited for I/O, which tells one loop turn from the next. Tests pass their own.
+   */
+  loopIdleTime?: () => number;
 }
 
 const EMPTY: PressureSample = { eventLoopDelayMs: 0, eventLoopUtilization: 0, heapUsedBytes: 0, rssBytes: 0, takenAt: 0 };
@@ -130,10 +135,21 @@ export class PressureSampler {
   private timer: ReturnType<typeof setTimeout> | undefined;
   private dueAt = 0;
   private current: PressureSample = EMPTY;
+  private samples = 0;
+  private readonly loopIdleTime: () => number;
+  // The event-loop turn in progress, as calls see it (see turnExceeds): when its first call
+  // came, and the loop's idle time then. turnStartedAt < 0: no turn open.
+  private turnStartedAt = -1;
+  private turnIdle = 0;
+  private turnEndPending = false;
+  private readonly endTurn = (): void => {
+    this.turnStartedAt = -1;
+    this.turnEndPending = false;
+  };
 
   constructor(options: PressureSamplerOptions = {}) {
     const o = optionsObject('PressureSampler', options);
-    knownKeys('PressureSampler', o, ['probe', 'clock', 'idleMs']);
+    knownKeys('PressureSampler', o, ['probe', 'clock', 'idleMs', 'loopIdleTime']);
     const probe = o.probe;
     if (probe !== undefined && (typeof probe !== 'object' || probe === null || typeof probe.read !== 'function' || typeof probe.start !== 'function' || typeof probe.stop !== 'function')) {
       throw new TypeError('PressureSampler: probe must be an object with start(), read() and stop()');
@@ -141,6 +157,7 @@ export class PressureSampler {
     this.probe = probe ?? processProbe();
     this.clock = clockOption('PressureSampler', o.clock) ?? systemClock;
     this.idleMs = o.idleMs === undefined ? 30_000 : duration('PressureSampler', 'idleMs', o.idleMs);
+    this.loopIdleTime = o.loopIdleTime === undefined ? () => perfHooks.eventLoopUtilization().idle : func('PressureSampler', 'loopIdleTime', o.loopIdleTime);
   }
 
   /** The latest sample (all zeros before the first one). */
@@ -153,9 +170,52 @@ export class PressureSampler {
     return this.timer !== undefined;
   }
 
+  /** Samples taken so far: the number of `latest`. */
+  get sampleCount(): number {
+    return this.samples;
+  }
+
   /** Number of live subscriptions (for tests and diagnostics). */
   get subscribers(): number {
     return this.subscriptions.size;
+  }
+
+  /**
+   * Whether the event loop has been busy for more than `limitMs` in its current turn, i.e.
+   * since the first call that asked during this turn. This is event-loop delay as it builds
+   * up, before any timer can see it: the loop reads every request that is ready in one turn
+   * and runs their handlers one after the other, so with synchronous handlers the requests
+   * late in a turn have waited behind all the work before them, and a sample (taken between
+   * turns, by a timer) sees that only once the turn is over.
+   *
+   * A turn ends at the next check phase (one `setImmediate` per turn in which calls come).
+   * A turn that seems too long is confirmed against the loop's idle time: if the loop
+   * waited for I/O since the turn began (a turn opened from a `setImmediate` callback lasts
+   * until the next check phase), a new turn begins instead.
+   */
+  turnExceeds(limitMs: number): boolean {
+    const now = this.clock.now();
+    if (this.turnStartedAt < 0) {
+      this.openTurn(now);
+      return false;
+    }
+    if (now - this.turnStartedAt <= limitMs) return false;
+    if (this.loopIdleTime() !== this.turnIdle) {
+      // A fresh immediate as well: the pending one may never run (fake timers removed).
+      this.turnEndPending = false;
+      this.openTurn(now);
+      return false;
+    }
+    return true;
+  }
+
+  private openTurn(now: number): void {
+    this.turnStartedAt = now;
+    this.turnIdle = this.loopIdleTime();
+    if (this.turnEndPending) return;
+    this.turnEndPending = true;
+    // By its global name at call time, so that fake timers installed after import apply.
+    setImmediate(this.endTurn);
   }
 
   /** Registers a subscriber that wants a sample at least every `intervalMs`; starts sampling. */
@@ -166,6 +226,7 @@ export class PressureSampler {
     if (this.timer === undefined) {
       this.probe.start();
       this.current = { ...this.probe.read(), takenAt: now };
+      this.samples++;
       this.schedule(now, intervalMs);
     } else if (now + intervalMs < this.dueAt) {
       // A subscriber that wants fresher samples than the running cadence: tick sooner.
@@ -175,8 +236,10 @@ export class PressureSampler {
     return subscription;
   }
 
-  /** Stops sampling at once and forgets every subscriber (they resubscribe on next use). */
+  /** Stops sampling at once and forgets every subscriber (they resubscribe on next use) and the loop turn in progress. */
   stop(): void {
+    this.turnStartedAt = -1;
+    this.turnEndPending = false;
     for (const subscription of this.subscriptions) subscription.active = false;
     this.subscriptions.clear();
     if (this.timer === undefined) return;
@@ -209,6 +272,7 @@ export class PressureSampler {
       rssBytes: measured.rssBytes,
       takenAt: now,
     };
+    this.samples++;
 
     let interval = Infinity;
     for (const subscription of this.subscriptions) {

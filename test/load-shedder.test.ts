@@ -244,11 +244,129 @@ describe('loadShedder', () => {
     });
   });
 
+  describe('cutting loop turns short', () => {
+    // Turn time runs on a clock of the test's own, so that it moves while the fake
+    // immediate that ends the turn has not run (i.e. inside one loop turn).
+    let now: number;
+    let idle: number;
+    let turns: PressureSampler;
+
+    beforeEach(() => {
+      now = 0;
+      idle = 0;
+      turns = new PressureSampler({ probe, clock: { now: () => now }, loopIdleTime: () => idle });
+    });
+
+    afterEach(() => turns.stop());
+
+    it('refuses the rest of a turn that has run longer than maxEventLoopDelayMs, then admits the next turn', async () => {
+      const shedder = loadShedder({ maxEventLoopDelayMs: 5, sampler: turns });
+      const fn = sinon.spy(ok);
+      const first = shedder.execute(fn);
+      now = 5;
+      const atLimit = shedder.execute(fn);
+      now = 5.5;
+      const late = shedder.execute(fn);
+      expect(await first).to.equal('ok');
+      expect(await atLimit).to.equal('ok');
+      await expectOverload(late);
+      expect(fn.callCount).to.equal(2);
+      expect(shedder.shedding).to.equal(true);
+      expect(shedder.stats()).to.include({ admitted: 2, rejected: 1 });
+
+      await clock.tickAsync(0); // the check phase: the turn is over
+      now = 6;
+      expect(await shedder.execute(fn)).to.equal('ok');
+      now = 11;
+      expect(await shedder.execute(fn)).to.equal('ok');
+    });
+
+    it('starts a new turn when the loop waited for I/O since the turn began', async () => {
+      const shedder = loadShedder({ maxEventLoopDelayMs: 5, sampler: turns });
+      await shedder.execute(ok);
+      // A turn opened in a check phase lasts until the next one: the idle time tells.
+      now = 50;
+      idle = 40;
+      expect(await shedder.execute(ok)).to.equal('ok');
+      now = 56;
+      await expectOverload(shedder.execute(ok));
+    });
+
+    it('forgets the turn in progress on stop(), whose end may never come (fake timers removed)', async () => {
+      const shedder = loadShedder({ maxEventLoopDelayMs: 5, sampler: turns });
+      await shedder.execute(ok);
+      now = 100;
+      turns.stop();
+      expect(await shedder.execute(ok)).to.equal('ok');
+      now = 106;
+      await expectOverload(shedder.execute(ok));
+    });
+
+    it('leaves turns alone without an event-loop delay limit', async () => {
+      const shedder = loadShedder({ maxHeapUsedBytes: 1e12, sampler: turns });
+      await shedder.execute(ok);
+      now = 1000;
+      expect(await shedder.execute(ok)).to.equal('ok');
+    });
+
+    it('does not shed every call on a sampled delay its own turn cutting lets through', async () => {
+      const shedder = loadShedder({ maxEventLoopDelayMs: 5, sampleIntervalMs: 100, sampler: turns });
+      await shedder.execute(ok);
+      now = 6;
+      await expectOverload(shedder.execute(ok));
+
+      // The sample of the interval in which it cut a turn reads the delay of that turn.
+      probe.values.eventLoopDelayMs = 6;
+      now = 100;
+      await clock.tickAsync(100);
+      expect(shedder.stats().eventLoopDelayMs).to.equal(6);
+      expect(await shedder.execute(ok)).to.equal('ok');
+      expect(shedder.shedding).to.equal(true);
+
+      // An interval without a cut turn: the sampled delay is someone else's, and sheds.
+      now = 200;
+      await clock.tickAsync(100);
+      await expectOverload(shedder.execute(ok));
+      probe.values.eventLoopDelayMs = 0;
+      now = 300;
+      await clock.tickAsync(100);
+      expect(shedder.shedding).to.equal(false);
+      expect(await shedder.execute(ok)).to.equal('ok');
+    });
+
+    it('cuts a real turn of synchronous calls once it has run longer than the limit', async () => {
+      clock.restore();
+      try {
+        const burn = (ms: number): string => {
+          const until = performance.now() + ms;
+          while (performance.now() < until) {
+            // a synchronous handler
+          }
+          return 'ok';
+        };
+        const shedder = loadShedder({ maxEventLoopDelayMs: 30, name: 'turns' });
+        // Requests the loop read in one turn, each handler taking 20 ms of CPU.
+        const outcomes = await Promise.allSettled(Array.from({ length: 6 }, () => shedder.execute(() => burn(20))));
+        const admitted = outcomes.filter((o) => o.status === 'fulfilled').length;
+        expect(outcomes[0]!.status).to.equal('fulfilled');
+        expect(admitted).to.be.within(1, 2);
+        expect(outcomes.at(-1)).to.have.property('reason').that.is.instanceOf(OverloadError);
+        // The next turn starts afresh.
+        await new Promise((resolve) => setImmediate(resolve));
+        expect(await shedder.execute(ok)).to.equal('ok');
+      } finally {
+        sharedSampler.stop();
+        clock = sinon.useFakeTimers();
+      }
+    });
+  });
+
   describe('the shared sampler', () => {
     it('validates its own options', () => {
       expect(() => new PressureSampler({ idleMs: -1 })).to.throw(TypeError, 'PressureSampler: idleMs must be a finite number of milliseconds > 0, got -1');
       expect(() => new PressureSampler({ probe: {} as PressureProbe })).to.throw(TypeError, 'PressureSampler: probe must be an object with start(), read() and stop()');
       expect(() => new PressureSampler({ idle: 5 } as object)).to.throw(TypeError, 'PressureSampler: unknown option "idle"');
+      expect(() => new PressureSampler({ loopIdleTime: 5 as unknown as () => number })).to.throw(TypeError, 'PressureSampler: loopIdleTime must be a function, got 5');
     });
 
     it('starts nothing before the first call', async () => {
@@ -263,6 +381,7 @@ describe('loadShedder', () => {
       const lenient = loadShedder({ maxEventLoopDelayMs: 500, sampler });
       await strict.execute(ok);
       await lenient.execute(ok);
+      await clock.tickAsync(0); // the loop turn ends (its immediate runs): only the sampling timer is left
       expect(clock.countTimers()).to.equal(1);
       expect(probe.starts).to.equal(1);
       const readsBefore = probe.reads;
