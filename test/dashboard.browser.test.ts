@@ -21,6 +21,7 @@ import { fallback } from '../lib/fallback.js';
 import { keyed } from '../lib/keyed.js';
 import { loadShedder } from '../lib/load-shedder.js';
 import { pipeline } from '../lib/pipeline.js';
+import { sharedSampler } from '../lib/pressure-sampler.js';
 import type { Policy } from '../lib/policy.js';
 import { rateLimit } from '../lib/rate-limit.js';
 import { retry } from '../lib/retry.js';
@@ -65,6 +66,8 @@ describe('dashboard in a real browser', function () {
   });
 
   after(async () => {
+    // The scene's load shedder started the process-wide sampler; later tests fake timers.
+    sharedSampler.stop();
     await browser?.close();
   });
 

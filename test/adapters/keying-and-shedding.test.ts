@@ -13,6 +13,7 @@ import { guard as expressGuard } from '../../adapters/express.js';
 import bulwark from '../../adapters/fastify.js';
 import { guard as koaGuard } from '../../adapters/koa.js';
 import { loadShedder } from '../../lib/load-shedder.js';
+import { sharedSampler } from '../../lib/pressure-sampler.js';
 import type { Policy } from '../../lib/policy.js';
 import { rateLimit } from '../../lib/rate-limit.js';
 
@@ -86,6 +87,9 @@ for (const [name, start] of frameworks) {
     afterEach(async () => {
       await server?.close();
       server = undefined;
+      // The process-wide sampler would otherwise keep sampling for 30 s, and re-arm its
+      // timer inside later tests that fake the timers.
+      sharedSampler.stop();
     });
 
     it('keys by X-Forwarded-For only when the app trusts its proxy', async () => {
