@@ -2,10 +2,13 @@
 // Express: its `next`, its route stack, and the response the handler writes to directly.
 
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
-import { Exchange, exposeSignal, httpGuard, httpRequest, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type ResponseTarget } from '../lib/http.js';
+import { Exchange, EXCHANGE_KEY, httpGuard, httpRequest, provideSignal, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
+import { healthResponse } from '../lib/health.js';
+import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
+export type { Policies } from '../lib/observe.js';
 
 declare global {
   // eslint-disable-next-line @typescript-eslint/no-namespace
@@ -17,17 +20,39 @@ declare global {
   }
 }
 
-/** Where a request's innermost running guard is kept, for the route's wrapped handlers. */
+/**
+ * Where a request's innermost running guard is kept, for the route's wrapped handlers: on
+ * the route's `next`, the one function every layer of the route is handed for a request.
+ */
 const CURRENT = Symbol('bulwark.express.current');
+/** On the `next` a wrapper hands a nested guard: the route's own `next` behind it. */
+const ROUTE_NEXT = Symbol('bulwark.express.routeNext');
 /** The handler a reporting wrapper stands for. */
 const ORIGINAL = Symbol('bulwark.express.original');
 
-type Handle = ((req: Request, res: Response, next: NextFunction) => unknown) & { [ORIGINAL]?: Handle };
+type Handle = ((req: Request, res: Response, next: RouteNext) => unknown) & { [ORIGINAL]?: Handle };
+type RouteNext = NextFunction & { [CURRENT]?: ExpressExchange; [ROUTE_NEXT]?: RouteNext };
 interface Layer {
   handle: Handle;
 }
-interface GuardedRequest extends Request {
-  [CURRENT]?: ExpressTarget;
+/**
+ * What `req.signal` reads goes in `res.locals`, Express's place for per-request state.
+ * Express gives `req` and `res` a new shape on every request (it swaps their prototypes),
+ * so V8 cannot cache anything about them: adding a property to either costs tens of
+ * thousands of instructions, and every property read of them a lookup through their
+ * prototype chain. The guard reads and writes them as little as it can.
+ */
+interface Locals {
+  [EXCHANGE_KEY]?: ExpressExchange;
+}
+
+function localsOf(res: Response): Locals {
+  return (res.locals ??= Object.create(null) as Response['locals']) as Locals;
+}
+
+/** The exchange of the request's innermost guard, for `req.signal`. */
+function exchangeOfRequest(req: object): ExpressExchange | undefined {
+  return ((req as Request).res?.locals as Locals | undefined)?.[EXCHANGE_KEY];
 }
 
 /**
@@ -44,39 +69,53 @@ interface GuardedRequest extends Request {
 export function guard(policy: Policy, options?: GuardOptions): RequestHandler {
   const compiled = httpGuard('express guard', policy, options);
   const wrapped = new WeakMap<object, number>();
-  return function bulwarkGuard(req: GuardedRequest, res: Response, next: NextFunction): void {
+  // The route seen last, so that the WeakMap is only consulted when the route changes.
+  let lastStack: Layer[] | undefined;
+  let lastLength = -1;
+  return function bulwarkGuard(req: Request, res: Response, next: RouteNext): void {
     // Errors of the handlers after a route-level middleware go to the next error layer,
     // never back to it: wrap them (once per route) so that they report to the guard.
-    const route = req.route as { stack?: Layer[] } | undefined;
-    const stack = route?.stack;
-    if (stack !== undefined && wrapped.get(stack) !== stack.length) {
-      wrapLayersAfter(stack, bulwarkGuard);
-      wrapped.set(stack, stack.length);
+    const stack = (req.route as { stack?: Layer[] } | undefined)?.stack;
+    if (stack !== undefined && (stack !== lastStack || stack.length !== lastLength)) {
+      if (wrapped.get(stack) !== stack.length) {
+        wrapLayersAfter(stack, bulwarkGuard);
+        wrapped.set(stack, stack.length);
+      }
+      lastStack = stack;
+      lastLength = stack.length;
     }
-    const target = new ExpressTarget(res, next);
-    const exchange = new Exchange(compiled, httpRequest(req.ip, req.method, req.originalUrl, req.headers), target);
-    target.exchange = exchange;
-    exposeSignal(req, exchange);
-    exchange.run(() => {
-      req[CURRENT] = target;
-      if (compiled.degradable) target.watch();
-      next();
-    });
+    const exchange = new ExpressExchange(compiled, req, res, next);
+    localsOf(res)[EXCHANGE_KEY] = exchange;
+    provideSignal(req, exchangeOfRequest);
+    exchange.run();
   };
 }
 
-class ExpressTarget implements ResponseTarget {
-  exchange!: Exchange;
+/** One request of a guarded route: the exchange, and how it acts on Express. */
+class ExpressExchange extends Exchange implements ResponseTarget {
   private gate: ResponseGate | undefined = undefined;
-  private reporting: NextFunction | undefined = undefined;
+  private reporting: RouteNext | undefined = undefined;
 
   constructor(
+    compiled: HttpGuard,
+    private readonly req: Request,
     readonly raw: Response,
-    private readonly next: NextFunction,
-  ) {}
+    private readonly next: RouteNext,
+  ) {
+    super(compiled);
+  }
 
-  watch(): void {
-    this.gate = new ResponseGate(this.raw, this.exchange, 'watch');
+  describe(): HttpRequest {
+    const req = this.req;
+    return httpRequest(req.ip, req.method, req.originalUrl, req.headers);
+  }
+
+  start(): void {
+    const next = this.next;
+    (next[ROUTE_NEXT] ?? next)[CURRENT] = this;
+    // Only a failing answer that a fallback or the cache may replace needs watching.
+    if (this.guard.degradable) this.gate = new ResponseGate(this.raw, this, 'watch');
+    this.next();
   }
 
   send(answer: HttpAnswer): void {
@@ -86,7 +125,7 @@ class ExpressTarget implements ResponseTarget {
 
   takeOver(): void {
     if (this.gate !== undefined) this.gate.drop();
-    else this.gate = new ResponseGate(this.raw, this.exchange, 'drop');
+    else this.gate = new ResponseGate(this.raw, this, 'drop');
   }
 
   release(error: unknown, thrown: boolean): void {
@@ -99,15 +138,21 @@ class ExpressTarget implements ResponseTarget {
   }
 
   /** The `next` the guarded handlers get: errors report to the guard; late calls are dropped. */
-  nextFor(next: NextFunction): NextFunction {
-    return (this.reporting ??= (error?: unknown): void => {
-      const exchange = this.exchange;
-      if (error === undefined || error === null || error === 'route' || error === 'router') {
-        if (!exchange.superseded && !exchange.released) next(error as undefined);
-      } else {
-        exchange.fail(error);
-      }
-    });
+  nextFor(next: RouteNext): NextFunction {
+    let reporting = this.reporting;
+    if (reporting === undefined) {
+      reporting = (error?: unknown): void => {
+        if (error === undefined || error === null || error === 'route' || error === 'router') {
+          if (!this.superseded && !this.released) next(error as undefined);
+        } else {
+          this.fail(error);
+        }
+      };
+      // A nested guard is handed this one: it marks itself current on the route's `next`.
+      reporting[ROUTE_NEXT] = next;
+      this.reporting = reporting;
+    }
+    return reporting;
   }
 }
 
@@ -131,18 +176,18 @@ function underlying(handle: Handle): Handle {
 
 /** One wrapper per layer, whatever the guards: it reports to the request's innermost running guard. */
 function reporting(handle: Handle): Handle {
-  const wrapper: Handle = function bulwarkReporting(this: unknown, req: GuardedRequest, res: Response, next: NextFunction): unknown {
-    const target = req[CURRENT];
+  const wrapper: Handle = function bulwarkReporting(this: unknown, req: Request, res: Response, next: RouteNext): unknown {
+    const target = next[CURRENT];
     if (target === undefined) return handle.call(this, req, res, next);
     let result: unknown;
     try {
       result = handle.call(this, req, res, target.nextFor(next));
     } catch (error) {
-      target.exchange.fail(error);
+      target.fail(error);
       return undefined;
     }
     if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-      (result as PromiseLike<unknown>).then(undefined, (error: unknown) => target.exchange.fail(error ?? new Error('Rejected promise')));
+      (result as PromiseLike<unknown>).then(undefined, (error: unknown) => target.fail(error ?? new Error('Rejected promise')));
     }
     return undefined;
   };
@@ -150,4 +195,17 @@ function reporting(handle: Handle): Handle {
   return wrapper;
 }
 
-// The ready-made health route handler (issue 6) goes here.
+/**
+ * A ready-made health route: answers `health(policies)` as JSON, `200` while every guard is
+ * fine and `503` while a breaker is open or a load shedder sheds, with `Cache-Control:
+ * no-store`. Point a readiness probe or a load balancer at it. The policies are checked
+ * (and an iterable of them read) when the route is made.
+ *
+ * @example app.get('/health', healthRoute([catalogPolicy, searchPolicy]));
+ */
+export function healthRoute(policies: Policies): RequestHandler {
+  const list = policyList('express healthRoute', policies);
+  return function bulwarkHealth(_req: Request, res: Response): void {
+    writeAnswer(res, healthResponse(list));
+  };
+}

@@ -3,10 +3,13 @@
 
 import type { FastifyInstance, FastifyPluginCallback, FastifyReply, FastifyRequest, RouteHandlerMethod, RouteOptions } from 'fastify';
 import fp from 'fastify-plugin';
-import { Exchange, exchangeOf, exposeSignal, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type ResponseTarget } from '../lib/http.js';
+import { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
+import { healthResponse } from '../lib/health.js';
+import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
+export type { Policies } from '../lib/observe.js';
 
 /**
  * A route's `config.bulwark`: the policy and the options of the HTTP contract.
@@ -25,11 +28,20 @@ declare module 'fastify' {
 }
 
 const GUARDED = Symbol('bulwark.fastify.guarded');
+/** On a patched Reply prototype: Fastify's own `send`, which the guard's answers use. */
+const ORIGINAL_SEND = Symbol('bulwark.fastify.send');
 
 type Handler = RouteHandlerMethod & { [GUARDED]?: true };
 type OnSend = (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: Error | null, payload?: unknown) => void) => void;
+type Send = (this: FastifyReply, payload?: unknown) => FastifyReply;
+type GuardedReply = FastifyReply & { [EXCHANGE_KEY]?: FastifyExchange | null; [ORIGINAL_SEND]: Send };
 
 const plugin: FastifyPluginCallback = function bulwark(fastify, _options, done) {
+  // Declared up front, every request and reply object has the slot from its constructor on
+  // (one shape for all); it also gives the replies of guarded routes a prototype of this
+  // app's own, where the guard's `send` goes (never Fastify's shared one).
+  if (!fastify.hasRequestDecorator(EXCHANGE_KEY)) fastify.decorateRequest(EXCHANGE_KEY, null);
+  if (!fastify.hasReplyDecorator(EXCHANGE_KEY)) fastify.decorateReply(EXCHANGE_KEY, null);
   fastify.addHook('onRoute', (route: RouteOptions) => {
     const config = (route.config as { bulwark?: unknown } | undefined)?.bulwark;
     if (config === undefined || (route.handler as Handler)[GUARDED]) return;
@@ -63,21 +75,15 @@ export default bulwark;
 export { bulwark };
 
 function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler {
+  let patched: object | undefined;
   const guarded: Handler = function bulwarkHandler(this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): undefined {
-    const target = new FastifyTarget(reply);
-    const exchange = new Exchange(compiled, httpRequest(request.ip, request.method, request.url, request.headers), target);
-    target.exchange = exchange;
+    const prototype = Object.getPrototypeOf(reply) as object;
+    if (prototype !== patched) patched = patchSend(prototype as GuardedReply);
+    const exchange = new FastifyExchange(compiled, this, handler, request, reply);
+    (reply as GuardedReply)[EXCHANGE_KEY] = exchange;
     // Fastify's own getter aborts on its handlerTimeout and client close; this one also on the guard's timeout.
     exposeSignal(request, exchange);
-    exchange.run(() => {
-      target.intercept();
-      const result = handler.call(this, request, reply) as unknown;
-      if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-        (result as PromiseLike<unknown>).then((payload) => target.returned(payload), (error: unknown) => exchange.fail(error));
-      } else if (result !== undefined) {
-        reply.send(result);
-      }
-    });
+    exchange.run();
     // Fastify does nothing more with an `undefined` result: the exchange sends what is sent.
     return undefined;
   };
@@ -85,46 +91,84 @@ function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler
   return guarded;
 }
 
-class FastifyTarget implements ResponseTarget {
-  exchange!: Exchange;
-  private readonly send0: FastifyReply['send'];
+/**
+ * Routes `reply.send` through the request's exchange, once per Reply prototype rather than
+ * per request, so that a late send never reaches Fastify. Replies without an exchange (the
+ * app's other routes) go straight to Fastify's `send`.
+ */
+function patchSend(prototype: GuardedReply): object {
+  if (prototype[ORIGINAL_SEND] !== undefined) return prototype;
+  const original = prototype.send as Send;
+  Object.defineProperty(prototype, ORIGINAL_SEND, { value: original });
+  Object.defineProperty(prototype, 'send', {
+    configurable: true,
+    writable: true,
+    value: function send(this: GuardedReply, payload?: unknown): FastifyReply {
+      const exchange = this[EXCHANGE_KEY];
+      return exchange === undefined || exchange === null ? original.call(this, payload) : exchange.handlerSend(payload);
+    },
+  });
+  return prototype;
+}
+
+/** One request of a guarded route: the exchange, and how it acts on Fastify. */
+class FastifyExchange extends Exchange implements ResponseTarget {
   private held: unknown = undefined;
 
-  constructor(private readonly reply: FastifyReply) {
-    this.send0 = reply.send;
+  constructor(
+    compiled: HttpGuard,
+    private readonly instance: FastifyInstance,
+    private readonly handler: RouteHandlerMethod,
+    private readonly req: FastifyRequest,
+    private readonly reply: FastifyReply,
+  ) {
+    super(compiled);
   }
 
   get raw(): FastifyReply['raw'] {
     return this.reply.raw;
   }
 
-  /** Routes the handler's `reply.send` through the exchange (a late one never reaches Fastify). */
-  intercept(): void {
+  describe(): HttpRequest {
+    const request = this.req;
+    return httpRequest(request.ip, request.method, request.url, request.headers);
+  }
+
+  start(): void {
+    const result = this.handler.call(this.instance, this.req, this.reply) as unknown;
+    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
+      (result as PromiseLike<unknown>).then(
+        (payload) => this.returned(payload),
+        (error: unknown) => this.fail(error),
+      );
+    } else if (result !== undefined) {
+      this.reply.send(result);
+    }
+  }
+
+  /** The handler's `reply.send`: decides, holds or drops it (a late one never reaches Fastify). */
+  handlerSend(payload: unknown): FastifyReply {
     const reply = this.reply;
-    const send0 = this.send0;
-    reply.send = (payload?: unknown): FastifyReply => {
-      const exchange = this.exchange;
-      if (exchange.accepting) {
-        if (payload instanceof Error) {
-          exchange.fail(payload);
-          return reply;
-        }
-        if (exchange.respond(reply.statusCode)) {
-          this.held = payload;
-          return reply;
-        }
-      } else if (exchange.superseded || (exchange.released && reply.sent)) {
-        // Late: the guard answers, or the failure's answer is out already.
+    if (this.accepting) {
+      if (payload instanceof Error) {
+        this.fail(payload);
         return reply;
       }
-      return send0.call(reply, payload);
-    };
+      if (this.respond(reply.statusCode)) {
+        this.held = payload;
+        return reply;
+      }
+    } else if (this.superseded || (this.released && reply.sent)) {
+      // Late: the guard answers, or the failure's answer is out already.
+      return reply;
+    }
+    return (reply as GuardedReply)[ORIGINAL_SEND].call(reply, payload);
   }
 
   /** What an async handler resolved with, sent the way Fastify would. */
-  returned(payload: unknown): void {
+  private returned(payload: unknown): void {
     const reply = this.reply;
-    if (payload !== undefined || (this.exchange.accepting && !reply.sent && !reply.raw.headersSent)) reply.send(payload);
+    if (payload !== undefined || (this.accepting && !reply.sent && !reply.raw.headersSent)) reply.send(payload);
   }
 
   send(answer: HttpAnswer): void {
@@ -133,18 +177,19 @@ class FastifyTarget implements ResponseTarget {
     for (const name of REPRESENTATION_HEADERS) reply.removeHeader(name);
     reply.code(answer.status).headers(answer.headers);
     // Bytes, so that Fastify sends the content type as given (it adds a charset to JSON-ish strings).
-    this.send0.call(reply, Buffer.from(answer.body));
+    (reply as GuardedReply)[ORIGINAL_SEND].call(reply, Buffer.from(answer.body));
   }
 
   takeOver(): void {
-    // The intercepted `reply.send` drops the handler's sends from now on.
+    // The patched `reply.send` drops the handler's sends from now on.
   }
 
   release(error: unknown, thrown: boolean): void {
-    if (thrown) this.send0.call(this.reply, error instanceof Error ? error : new Error(String(error)));
+    const reply = this.reply as GuardedReply;
+    if (thrown) reply[ORIGINAL_SEND].call(reply, error instanceof Error ? error : new Error(String(error)));
     else {
-      clearErrorFlag(this.reply);
-      this.send0.call(this.reply, this.held);
+      clearErrorFlag(reply);
+      reply[ORIGINAL_SEND].call(reply, this.held);
     }
   }
 
@@ -176,4 +221,19 @@ const offerToCache: OnSend = (request, reply, payload, done) => {
   done(null, payload);
 };
 
-// The ready-made health route handler (issue 6) goes here.
+/**
+ * A ready-made health route: answers `health(policies)` as JSON, `200` while every guard is
+ * fine and `503` while a breaker is open or a load shedder sheds, with `Cache-Control:
+ * no-store`. Point a readiness probe or a load balancer at it. The policies are checked
+ * (and an iterable of them read) when the route is made. It needs no plugin.
+ *
+ * @example app.get('/health', healthRoute([catalogPolicy, searchPolicy]));
+ */
+export function healthRoute(policies: Policies): RouteHandlerMethod {
+  const list = policyList('fastify healthRoute', policies);
+  return function bulwarkHealth(_request: FastifyRequest, reply: FastifyReply): void {
+    const answer = healthResponse(list);
+    // Bytes, so that Fastify sends the content type as given (it adds a charset to JSON-ish strings).
+    void reply.code(answer.status).headers(answer.headers).send(Buffer.from(answer.body));
+  };
+}

@@ -2,10 +2,13 @@
 // `await next()`, and a context that Koa writes out once the middleware promise settles.
 
 import type { Context, Middleware, Next } from 'koa';
-import { Exchange, exposeSignal, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type ResponseTarget } from '../lib/http.js';
+import { Exchange, exposeSignal, findDescriptor, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
+import { healthResponse } from '../lib/health.js';
+import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
+export type { Policies } from '../lib/observe.js';
 
 declare module 'koa' {
   interface ExtendableContext {
@@ -28,37 +31,50 @@ declare module 'koa' {
 export function guard(policy: Policy, options?: GuardOptions): Middleware {
   const compiled = httpGuard('koa guard', policy, options);
   return function bulwarkGuard(ctx: Context, next: Next): Promise<void> {
-    const target = new KoaTarget(ctx);
-    const exchange = new Exchange(compiled, httpRequest(ctx.ip, ctx.method, ctx.originalUrl, ctx.headers), target);
+    const exchange = new KoaExchange(compiled, ctx, next);
     exposeSignal(ctx, exchange);
-    exchange.run(() => {
-      // Downstream may outlive the answer (a timeout answers at once): its late outcome is
-      // reported, and ignored, here rather than surfacing as an unhandled rejection.
-      next().then(
-        () => {
-          if (!exchange.accepting) return;
-          if (exchange.caching) offer(exchange, ctx);
-          exchange.respond(ctx.status);
-        },
-        (error: unknown) => exchange.fail(error),
-      );
-    });
-    return exchange.decision().then(() => {
-      if (target.thrown) throw target.error;
-    });
+    exchange.run();
+    // Settles once the answer is decided (at once for a rejection or a timeout, while
+    // downstream may still run); rejects with a handler error that nothing replaced.
+    return exchange.decision();
   };
 }
 
-class KoaTarget implements ResponseTarget {
-  thrown = false;
-  error: unknown = undefined;
+/** One request of a guarded route: the exchange, and how it acts on Koa. */
+class KoaExchange extends Exchange implements ResponseTarget {
   /** True while the guard writes its answer through a context the handler can no longer change. */
   private owning = false;
 
-  constructor(private readonly ctx: Context) {}
+  constructor(
+    compiled: HttpGuard,
+    private readonly ctx: Context,
+    private readonly next: Next,
+  ) {
+    super(compiled);
+  }
 
   get raw(): Context['res'] {
     return this.ctx.res;
+  }
+
+  describe(): HttpRequest {
+    const ctx = this.ctx;
+    return httpRequest(ctx.ip, ctx.method, ctx.originalUrl, ctx.headers);
+  }
+
+  start(): void {
+    // Downstream may outlive the answer (a timeout answers at once): its late outcome is
+    // reported, and ignored, here rather than surfacing as an unhandled rejection.
+    this.next().then(
+      () => this.downstreamDone(),
+      (error: unknown) => this.fail(error),
+    );
+  }
+
+  private downstreamDone(): void {
+    if (!this.accepting) return;
+    if (this.caching) offer(this, this.ctx);
+    this.respond(this.ctx.status);
   }
 
   send(answer: HttpAnswer): void {
@@ -102,11 +118,10 @@ class KoaTarget implements ResponseTarget {
     }
   }
 
-  release(error: unknown, thrown: boolean): void {
-    // A held failing answer is still in the context, as the handler left it.
-    if (!thrown) return;
-    this.thrown = true;
-    this.error = error;
+  release(_error: unknown, thrown: boolean): void {
+    // A held failing answer is still in the context, as the handler left it; a thrown
+    // error goes back to Koa (its error handling answers and reports it).
+    if (thrown) this.rethrowOnDecision();
   }
 
   setHeaders(headers: Record<string, string>): void {
@@ -116,14 +131,6 @@ class KoaTarget implements ResponseTarget {
 
 const FROZEN_PROPERTIES = ['body', 'status', 'message', 'type', 'length', 'lastModified', 'etag'];
 const FROZEN_METHODS = ['set', 'append', 'remove', 'redirect', 'attachment', 'vary', 'flushHeaders'];
-
-function findDescriptor(object: object, name: string): PropertyDescriptor | undefined {
-  for (let o: object | null = object; o !== null; o = Object.getPrototypeOf(o) as object | null) {
-    const descriptor = Object.getOwnPropertyDescriptor(o, name);
-    if (descriptor !== undefined) return descriptor;
-  }
-  return undefined;
-}
 
 /** Shows the cache the body downstream left (JSON, text or bytes; never a stream). */
 function offer(exchange: Exchange, ctx: Context): void {
@@ -141,4 +148,21 @@ function offer(exchange: Exchange, ctx: Context): void {
   exchange.offer(ctx.status, bytes, (name) => ctx.response.get(name) || undefined);
 }
 
-// The ready-made health route handler (issue 6) goes here.
+/**
+ * A ready-made health route: answers `health(policies)` as JSON, `200` while every guard is
+ * fine and `503` while a breaker is open or a load shedder sheds, with `Cache-Control:
+ * no-store`. Point a readiness probe or a load balancer at it. The policies are checked
+ * (and an iterable of them read) when the route is made.
+ *
+ * @example router.get('/health', healthRoute([catalogPolicy, searchPolicy]));
+ */
+export function healthRoute(policies: Policies): Middleware {
+  const list = policyList('koa healthRoute', policies);
+  return function bulwarkHealth(ctx: Context): void {
+    const answer = healthResponse(list);
+    ctx.status = answer.status;
+    // Headers first: Koa then leaves the content type of a string body alone.
+    ctx.set(answer.headers);
+    ctx.body = answer.body;
+  };
+}

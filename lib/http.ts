@@ -20,7 +20,7 @@ export {
   type RejectResponse,
 } from './http/answers.js';
 export { MAX_CACHED_BODY, ResponseCache, type CacheOptions, type HeaderReader, type HttpRequest } from './http/cache.js';
-export { Exchange, exchangeOf, exposeSignal, FailedResponseError, type RawResponse, type ResponseTarget } from './http/exchange.js';
+export { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, FailedResponseError, findDescriptor, provideSignal, type RawResponse, type ResponseTarget } from './http/exchange.js';
 export { ResponseGate, writeAnswer } from './http/node-response.js';
 export { defaultIsFailure, errorStatus, httpGuard, HttpGuard, type Fallback, type FallbackContext, type GuardOptions } from './http/options.js';
 

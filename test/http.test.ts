@@ -19,11 +19,16 @@ import {
   retryAfterSeconds,
   type GuardOptions,
   type HttpAnswer,
+  type HttpRequest,
   type ResponseTarget,
 } from '../lib/http.js';
 import { pipeline } from '../lib/pipeline.js';
 import { BasePolicy, run, type Call, type InternalFunction, type Policy } from '../lib/policy.js';
 import { retry } from '../lib/retry.js';
+import { chaos } from '../lib/chaos.js';
+import { fallback } from '../lib/fallback.js';
+import { keyed } from '../lib/keyed.js';
+import { rateLimit } from '../lib/rate-limit.js';
 import { timeout } from '../lib/timeout.js';
 
 describe('http mapping', () => {
@@ -165,6 +170,17 @@ describe('httpGuard options', () => {
     expect(httpGuard('guard', policy).degradable).to.equal(false);
   });
 
+  it('knows whether a guard of the policy may read the request', () => {
+    const blind = pipeline(bulkhead({ limit: 1 }), timeout(100), circuitBreaker(), fallback(0));
+    expect(httpGuard('guard', blind).exposesRequest).to.equal(false);
+    expect(httpGuard('guard', pipeline(blind, rateLimit({ limit: 1, windowMs: 1000 }))).exposesRequest).to.equal(true);
+    expect(httpGuard('guard', pipeline(keyed(() => bulkhead({ limit: 1 }), { key: () => 'k' }))).exposesRequest).to.equal(true);
+    expect(httpGuard('guard', pipeline(chaos({ enabled: false, fault: { rate: 1 } }))).exposesRequest).to.equal(true);
+    // A policy bulwark did not make may read anything.
+    const foreign: Policy = { name: 'mine', kind: 'bulkhead', execute: (fn) => Promise.resolve(fn({ signal: new AbortController().signal, attempt: 1, context: {} })), stats: () => ({}) };
+    expect(httpGuard('guard', pipeline(foreign)).exposesRequest).to.equal(true);
+  });
+
   it('counts 5xx and thrown errors without a 4xx status as failures by default; a broken isFailure falls back to that', () => {
     const compiled = httpGuard('guard', policy);
     expect([200, 404, 499, 500, 503].map((status) => compiled.failed(status, undefined))).to.deep.equal([false, false, false, true, true]);
@@ -296,6 +312,28 @@ class FakeTarget implements ResponseTarget {
   setHeaders(headers: Record<string, string>): void {
     Object.assign(this.headers, headers);
   }
+}
+
+/** An adapter's way: the exchange is its own target and describes the request on demand. */
+class SelfTarget extends Exchange implements ResponseTarget {
+  readonly raw = new FakeResponse();
+  readonly sent: HttpAnswer[] = [];
+  descriptions = 0;
+  started = 0;
+  describe(): HttpRequest {
+    this.descriptions++;
+    return httpRequest('1.2.3.4', 'GET', '/x?q=1', {});
+  }
+  start(): void {
+    this.started++;
+  }
+  send(answer: HttpAnswer): void {
+    this.sent.push(answer);
+    this.raw.finish(answer.status);
+  }
+  takeOver(): void {}
+  release(_error: unknown, _thrown: boolean): void {}
+  setHeaders(): void {}
 }
 
 function exchangeFor(policy: Policy, options?: GuardOptions): { exchange: Exchange; target: FakeTarget } {
@@ -471,5 +509,71 @@ describe('Exchange', () => {
     await clock.tickAsync(0);
     expect(runs).to.equal(1);
     expect(twice.error).to.be.instanceOf(TypeError);
+  });
+
+  it('runs the target\'s start() and describes the request only when something reads it', async () => {
+    const blind = new SelfTarget(httpGuard('test', pipeline(bulkhead({ limit: 1 }), timeout(1000))));
+    blind.run();
+    await clock.tickAsync(0);
+    expect(blind.started).to.equal(1);
+    expect(blind.respond(200)).to.equal(false);
+    blind.raw.finish(200);
+    await blind.decision();
+    expect(blind.descriptions).to.equal(0);
+    expect(blind.context).to.deep.equal({});
+
+    let seen: unknown;
+    const reading = new SelfTarget(httpGuard('test', rateLimit({ limit: 1, windowMs: 1000, key: (request) => (seen = request)?.ip })));
+    reading.run();
+    await clock.tickAsync(0);
+    expect(reading.descriptions).to.equal(1);
+    expect(seen).to.deep.equal({ ip: '1.2.3.4', method: 'GET', path: '/x', headers: {}, url: '/x?q=1' });
+    expect(reading.context.request).to.equal(seen);
+
+    // A fallback is handed the request, described then.
+    const open = circuitBreaker();
+    open.forceOpen();
+    let handed: unknown;
+    const degraded = new SelfTarget(httpGuard('test', open, { fallback: ({ request }) => (handed = request).path }));
+    degraded.run();
+    await degraded.decision();
+    expect(degraded.descriptions).to.equal(1);
+    expect((handed as HttpRequest).path).to.equal('/x');
+    expect(degraded.sent.map((a) => a.body)).to.deep.equal(['{"data":"/x","source":"fallback","status":"degraded","reason":"circuit_open"}']);
+  });
+
+  it('takes over at the timeout when the handler never read its signal; its late answer is ignored', async () => {
+    const { exchange, target } = exchangeFor(timeout(100));
+    exchange.run(() => {});
+    await clock.tickAsync(100);
+    await exchange.decision();
+    expect(target.takenOver).to.equal(1);
+    expect(target.sent.map((a) => a.status)).to.deep.equal([503]);
+    expect(exchange.respond(200)).to.equal(false);
+    expect(exchange.accepting).to.equal(false);
+    expect(target.sent).to.have.length(1);
+  });
+
+  it('rejects decision() with the failure a target hands back to the framework (Koa rethrows it)', async () => {
+    class Rethrowing extends SelfTarget {
+      override release(_error: unknown, thrown: boolean): void {
+        if (thrown) this.rethrowOnDecision();
+      }
+    }
+    const failure = new Error('boom');
+    const exchange = new Rethrowing(httpGuard('test', pipeline()));
+    exchange.start = () => {
+      throw failure;
+    };
+    exchange.run();
+    const decided = exchange.decision();
+    await clock.tickAsync(0);
+    let caught: unknown;
+    await decided.catch((error: unknown) => (caught = error));
+    expect(caught).to.equal(failure);
+    // Asked again once decided: the same answer.
+    caught = undefined;
+    await exchange.decision().catch((error: unknown) => (caught = error));
+    expect(caught).to.equal(failure);
   });
 });

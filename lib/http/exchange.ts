@@ -2,7 +2,13 @@
 // the handler and the connection do, and decides the single answer the client gets. The
 // adapters report events (the handler threw, the handler is answering with this status)
 // and carry out the decisions (send this answer, let that failure stand) on their framework.
+//
+// This runs on every request of a guarded route, so the common case (the policy admits,
+// the handler answers, the response ends) is kept to a few allocations: no AbortController
+// until someone reads `signal`, no request description until something reads it, no
+// listener on the guard's own scope until the handler holds a signal, no async function.
 
+import { EventEmitter } from 'node:events';
 import { Scope } from '../cancellation.js';
 import { ClientDisconnectedError, isGuardRejection, withoutStack, type GuardRejection } from '../errors.js';
 import { Call, runPolicy, type CallContext } from '../policy.js';
@@ -34,6 +40,10 @@ export interface ResponseTarget {
   release(error: unknown, thrown: boolean): void;
   /** Adds headers to the handler's answer (the `RateLimit-*` set), before the handler runs. */
   setHeaders(headers: Record<string, string>): void;
+  /** Runs the rest of the route (the handler), when `run()` is given no function. */
+  start?(): void;
+  /** Describes the request; called at most once, when something reads it. */
+  describe?(): HttpRequest;
 }
 
 /**
@@ -51,31 +61,70 @@ export class FailedResponseError extends Error {
   }
 }
 
-const EXCHANGE = Symbol('bulwark.exchange');
+/** The key under which a framework's request object (and Fastify's reply) holds its exchange. */
+export const EXCHANGE_KEY: unique symbol = Symbol('bulwark.exchange');
+const EXCHANGE = EXCHANGE_KEY;
+/** Marks a prototype whose `signal` reads the exchange (inherited by the prototypes below it). */
+const SIGNAL_INSTALLED = Symbol('bulwark.signal');
 
-// One accessor for every request (never a closure per request): the framework's request
-// object points at its exchange, and `signal` reads the exchange's lazily made signal.
-// Assigning `signal` (a middleware of the app's own) replaces it with a plain value.
-const SIGNAL_PROPERTY: PropertyDescriptor = {
-  configurable: true,
-  enumerable: true,
-  get(this: { [EXCHANGE]?: Exchange }): AbortSignal | undefined {
-    return this[EXCHANGE]?.signal;
-  },
-  set(this: object, value: unknown): void {
-    Object.defineProperty(this, 'signal', { value, writable: true, configurable: true, enumerable: true });
-  },
-};
+type Holder = { [EXCHANGE]?: Exchange | null };
+type Lookup = (holder: object) => Exchange | null | undefined;
+type Prototype = object & { [SIGNAL_INSTALLED]?: true };
 
 /**
- * Gives a framework's request object (Express `req`, Koa `ctx`, Fastify `request`) a
- * `signal` property that reads `exchange.signal`, shadowing any the framework has.
+ * Points a framework's request object (Koa `ctx`, Fastify `request`) at its exchange, so
+ * that its `signal` reads `exchange.signal` (see `provideSignal`).
  *
- * @example exposeSignal(req, exchange); // req.signal aborts on timeout and client disconnect
+ * @example exposeSignal(ctx, exchange); // ctx.signal aborts on timeout and client disconnect
  */
 export function exposeSignal(holder: object, exchange: Exchange): void {
-  (holder as { [EXCHANGE]?: Exchange })[EXCHANGE] = exchange;
-  Object.defineProperty(holder, 'signal', SIGNAL_PROPERTY);
+  (holder as Holder)[EXCHANGE] = exchange;
+  provideSignal(holder, exchangeOf);
+}
+
+/**
+ * Gives `holder` a `signal` that reads the exchange `lookup` finds for it. The accessor
+ * lives on the object's prototype, defined there the first time a guarded request of that
+ * prototype comes by: defining a property on every request object costs more than the
+ * rest of the exchange. The framework's own `signal` (Fastify's) still answers for
+ * requests without an exchange.
+ *
+ * @example provideSignal(req, (req) => req.res.locals[EXCHANGE_KEY]); // Express
+ */
+export function provideSignal(holder: object, lookup: Lookup): void {
+  const prototype = Object.getPrototypeOf(holder) as Prototype | null;
+  if (prototype !== null && prototype[SIGNAL_INSTALLED] !== true) installSignal(prototype, lookup);
+  // An own `signal` (assigned by a middleware before the guard) would hide the accessor.
+  if (Object.hasOwn(holder, 'signal')) delete (holder as { signal?: unknown }).signal;
+}
+
+function installSignal(prototype: Prototype, lookup: Lookup): void {
+  const inherited = findDescriptor(prototype, 'signal');
+  const get = inherited?.get;
+  const value: unknown = inherited?.value;
+  Object.defineProperty(prototype, 'signal', {
+    configurable: true,
+    enumerable: false,
+    get(this: object): unknown {
+      const exchange = lookup(this);
+      if (exchange !== undefined && exchange !== null) return exchange.signal;
+      return get !== undefined ? get.call(this) : value;
+    },
+    // Assigning `signal` (a middleware of the app's own) gives that object a plain value.
+    set(this: object, replacement: unknown): void {
+      Object.defineProperty(this, 'signal', { value: replacement, writable: true, configurable: true, enumerable: true });
+    },
+  });
+  Object.defineProperty(prototype, SIGNAL_INSTALLED, { value: true });
+}
+
+/** The property descriptor `name` resolves to on `object` or its prototypes. */
+export function findDescriptor(object: object, name: PropertyKey): PropertyDescriptor | undefined {
+  for (let o: object | null = object; o !== null; o = Object.getPrototypeOf(o) as object | null) {
+    const descriptor = Object.getOwnPropertyDescriptor(o, name);
+    if (descriptor !== undefined) return descriptor;
+  }
+  return undefined;
 }
 
 /**
@@ -83,8 +132,8 @@ export function exposeSignal(holder: object, exchange: Exchange): void {
  *
  * @example exchangeOf(request)?.caching; // in a Fastify onSend hook
  */
-export function exchangeOf(holder: object): Exchange | undefined {
-  return (holder as { [EXCHANGE]?: Exchange })[EXCHANGE];
+export function exchangeOf(this: void, holder: object): Exchange | undefined {
+  return (holder as Holder)[EXCHANGE] ?? undefined;
 }
 
 /** What the guarded function resolves with when the handler's answer went out as it wrote it. */
@@ -102,7 +151,9 @@ const RELEASED = 5; // the handler's failure stands, the framework answers it
 type Phase = typeof WAITING | typeof RUNNING | typeof FAILED | typeof COMMITTED | typeof GUARDED | typeof RELEASED;
 
 /**
- * The per-request state machine shared by the adapters.
+ * The per-request state machine shared by the adapters. An adapter either hands it a
+ * `ResponseTarget`, or extends it and implements `ResponseTarget` itself (one object per
+ * request instead of two).
  *
  * @example
  * // inside an adapter, per request:
@@ -113,10 +164,13 @@ type Phase = typeof WAITING | typeof RUNNING | typeof FAILED | typeof COMMITTED 
 export class Exchange {
   /** Root of the request's cancellation: aborted when the client goes away. */
   readonly scope = new Scope();
-  readonly context: CallContext;
+  private callContext: CallContext = EMPTY_CONTEXT;
+  readonly guard: HttpGuard;
+  private readonly target: ResponseTarget;
+  private described: HttpRequest | undefined;
   private call: Call | undefined = undefined;
   private phase: Phase = WAITING;
-  private start: (() => void) | undefined = undefined;
+  private starter: (() => void) | undefined = undefined;
   private resolveRun: ((value: typeof DONE) => void) | undefined = undefined;
   private rejectRun: ((error: unknown) => void) | undefined = undefined;
   /** The handler's failure (what it threw, or a `FailedResponseError`). */
@@ -129,20 +183,42 @@ export class Exchange {
   private clientGone = false;
   private destroyedByGuard = false;
   private decided = false;
-  private onDecided: (() => void) | undefined = undefined;
+  /** The handler asked for its signal: it can act the moment a guard's scope aborts. */
+  private signalRead = false;
+  private watchingCall = false;
+  private decisionMade: Promise<void> | undefined = undefined;
+  private resolveDecision: (() => void) | undefined = undefined;
+  private rejectDecision: ((error: unknown) => void) | undefined = undefined;
+  private rethrow = false;
   private key: string | undefined | null = null;
 
-  constructor(
-    readonly guard: HttpGuard,
-    readonly request: HttpRequest,
-    private readonly target: ResponseTarget,
-  ) {
-    this.context = { request };
+  /**
+   * @param request the request as guards see it; leave it out when the target can `describe()` it
+   * @param target what carries out the decisions; leave it out when a subclass implements `ResponseTarget`
+   */
+  constructor(guard: HttpGuard, request?: HttpRequest, target?: ResponseTarget) {
+    this.guard = guard;
+    this.described = request;
+    this.target = target ?? (this as unknown as ResponseTarget);
+  }
+
+  /** The context handed through the policy (`{ request }` when a guard may read it); made by `run()`. */
+  get context(): CallContext {
+    return this.callContext;
+  }
+
+  /** The request as guards, `fallback` and `onReject` see it; described on first read. */
+  get request(): HttpRequest {
+    return (this.described ??= this.target.describe!());
   }
 
   /** The handler's signal: aborts on timeout and when the client goes away. Made on first read. */
   get signal(): AbortSignal {
-    return this.call === undefined ? this.scope.signal : this.call.signal;
+    const call = this.call;
+    this.signalRead = true;
+    if (call === undefined) return this.scope.signal;
+    this.watchCall();
+    return call.signal;
   }
 
   /** True while the handler runs and has not answered: its first write decides (`respond`). */
@@ -171,27 +247,35 @@ export class Exchange {
   }
 
   /**
-   * Runs the route through the policy. `start` runs the rest of the route (the handler); it
-   * is called at most once, when the policy admits the call.
+   * Runs the route through the policy. `start` (else the target's `start()`) runs the rest of
+   * the route (the handler); it is called at most once, when the policy admits the call.
    */
-  run(start: () => void): void {
-    this.start = start;
-    this.target.raw.on('close', this.onClose);
+  run(start?: () => void): void {
+    this.starter = start;
+    const context: CallContext = this.guard.exposesRequest ? { request: this.request } : {};
+    this.callContext = context;
+    listenClose(this.target.raw, this.onClose);
     let outcome: Promise<unknown>;
     try {
-      outcome = runPolicy(this.guard.policy, this.runHandler, new Call(this.scope, 1, this.context));
+      outcome = runPolicy(this.guard.policy, this.runHandler, new Call(this.scope, 1, context));
     } catch (error) {
       outcome = Promise.reject(error);
     }
     outcome.then(this.onResolved, this.onRejected);
   }
 
-  /** Resolves when the answer is decided: the handler's stands, or the guard's is set (Koa waits for it). */
+  /**
+   * Resolves when the answer is decided: the handler's stands, or the guard's is set (Koa
+   * waits for it). Rejects with the handler's error when the target asked for it to be
+   * rethrown (`rethrowOnDecision`).
+   */
   decision(): Promise<void> {
-    if (this.decided) return Promise.resolve();
-    return new Promise<void>((resolve) => {
-      this.onDecided = resolve;
-    });
+    if (this.decided) return this.rethrow ? Promise.reject(this.failure) : Promise.resolve();
+    if (this.decisionMade === undefined) {
+      capturing = this;
+      this.decisionMade = new Promise<void>(Exchange.captureDecision);
+    }
+    return this.decisionMade;
   }
 
   /** The handler threw, rejected, or passed an error on. */
@@ -210,7 +294,7 @@ export class Exchange {
       // An answer broken off halfway can be neither finished nor replaced: end the connection.
       this.failure = error;
       this.failureCounts = this.guard.failed(errorStatus(error), error);
-      this.destroy();
+      this.destroyConnection();
     }
     // Otherwise it comes after the answer was decided: ignored, by design.
   }
@@ -243,6 +327,11 @@ export class Exchange {
     if (cache !== undefined && key !== undefined) cache.offer(key, status, body, header);
   }
 
+  /** For a target whose `release(error, true)` hands the error back to the framework through `decision()` (Koa). */
+  protected rethrowOnDecision(): void {
+    this.rethrow = true;
+  }
+
   private cacheKey(): string | undefined {
     if (this.key === null) this.key = this.guard.cache?.keyFor(this.request);
     return this.key;
@@ -256,24 +345,34 @@ export class Exchange {
     if (this.phase !== WAITING) return Promise.reject(new TypeError('bulwark: a route handler cannot run twice'));
     if (this.clientGone) return Promise.reject(this.scope.reason);
     this.call = call;
-    const scope = call.scope;
-    // A guard's own scope (a timeout's): when it aborts, the guard answers in place of the
-    // handler, so the handler's writes must stop at that very moment, not a tick later.
-    if (scope !== undefined && scope !== this.scope) scope.onAbort(this.onCallAbort);
-    const rateLimit = this.context.rateLimit;
+    if (this.signalRead) this.watchCall();
+    const rateLimit = this.callContext.rateLimit;
     if (rateLimit !== undefined) this.target.setHeaders(rateLimitHeaders(rateLimit));
     this.phase = RUNNING;
-    const settled = new Promise<typeof DONE>((resolve, reject) => {
-      this.resolveRun = resolve;
-      this.rejectRun = reject;
-    });
+    capturing = this;
+    const settled = new Promise<typeof DONE>(Exchange.captureRun);
     try {
-      this.start?.();
+      if (this.starter !== undefined) this.starter();
+      else this.target.start!();
     } catch (error) {
       this.fail(error);
     }
     return settled;
   };
+
+  /**
+   * A guard's own scope (a timeout's): when it aborts, the guard answers in place of the
+   * handler, so the handler's writes must stop at that very moment, not a tick later. Only
+   * a handler that holds the signal can write at that moment (an abort listener); any
+   * other write comes after the policy's rejection has reached `conclude`.
+   */
+  private watchCall(): void {
+    if (this.watchingCall) return;
+    const scope = this.call?.scope;
+    if (scope === undefined || scope === this.scope) return;
+    this.watchingCall = true;
+    scope.onAbort((reason) => this.onCallAbort(reason));
+  }
 
   private resolveHandler(): void {
     const resolve = this.resolveRun;
@@ -287,18 +386,18 @@ export class Exchange {
     reject?.(error);
   }
 
-  private readonly onCallAbort = (reason: unknown): void => {
+  private onCallAbort(reason: unknown): void {
     if (!isGuardRejection(reason) || this.closed) return;
     if (this.phase === RUNNING && !this.target.raw.headersSent) {
       this.phase = GUARDED;
       this.target.takeOver();
     } else if (this.committed() && !this.target.raw.writableEnded) {
       // A timeout covers the whole answer; once it started, it cannot be changed.
-      this.destroy();
+      this.destroyConnection();
     }
-  };
+  }
 
-  private destroy(): void {
+  private destroyConnection(): void {
     this.destroyedByGuard = true;
     this.target.raw.destroy();
   }
@@ -327,8 +426,15 @@ export class Exchange {
     else this.resolveHandler();
   };
 
-  private readonly onResolved = (value: unknown): Promise<void> => this.conclude(false, value);
-  private readonly onRejected = (error: unknown): Promise<void> => this.conclude(true, error);
+  private readonly onResolved = (value: unknown): void => {
+    // The common case: the handler answered and its answer stands; nothing is left to do.
+    if ((this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone) this.markDecided();
+    else void this.conclude(false, value);
+  };
+
+  private readonly onRejected = (error: unknown): void => {
+    void this.conclude(true, error);
+  };
 
   /** The policy settled: decide what the client gets, unless the handler's answer stands. */
   private async conclude(rejected: boolean, outcome: unknown): Promise<void> {
@@ -346,7 +452,7 @@ export class Exchange {
         else await this.answerFailure();
       } else if (this.committed()) {
         // The handler's answer stands; a rejection that came while it streamed ends it.
-        if (rejected && isGuardRejection(outcome) && !this.target.raw.writableEnded && !this.closed) this.destroy();
+        if (rejected && isGuardRejection(outcome) && !this.target.raw.writableEnded && !this.closed) this.destroyConnection();
       } else if (phase === WAITING) {
         if (rejected) {
           // Not a rejection: a policy's own error. A failed route, and no detail reaches the client.
@@ -362,7 +468,7 @@ export class Exchange {
       // RUNNING, with anything but a rejection: the handler still answers, and that stands.
     } catch {
       // Writing the answer failed (the framework threw): the connection cannot be trusted.
-      if (!this.target.raw.writableEnded && !this.closed) this.destroy();
+      if (!this.target.raw.writableEnded && !this.closed) this.destroyConnection();
     } finally {
       this.markDecided();
       this.stopHandler(rejected ? outcome : undefined);
@@ -375,19 +481,19 @@ export class Exchange {
   }
 
   private async answerRejection(rejection: GuardRejection): Promise<void> {
-    this.takeOver();
+    this.takeOverResponse();
     const ctx: FallbackContext = { reason: rejection.reason, error: rejection, request: this.request };
     // Rate limiting is the client's problem, not a degraded service: never replaced.
-    const answer = (rejection.reason === 'rate_limited' ? undefined : await this.degrade(ctx)) ?? (await this.guard.rejectionAnswer(ctx, rejection, this.context.rateLimit));
-    this.send(answer);
+    const answer = (rejection.reason === 'rate_limited' ? undefined : await this.degrade(ctx)) ?? (await this.guard.rejectionAnswer(ctx, rejection, this.callContext.rateLimit));
+    this.deliver(answer);
   }
 
   private async answerFailure(): Promise<void> {
     if (this.failureCounts) {
       const answer = await this.degrade({ reason: 'error', error: this.failure, request: this.request });
       if (answer !== undefined) {
-        this.takeOver();
-        this.send(answer);
+        this.takeOverResponse();
+        this.deliver(answer);
         return;
       }
     }
@@ -397,13 +503,13 @@ export class Exchange {
   }
 
   private async answerDegraded(data: unknown, reason: AnswerReason): Promise<void> {
-    this.takeOver();
-    this.send(degradedAnswer(data, 'fallback', reason, this.context.rateLimit));
+    this.takeOverResponse();
+    this.deliver(degradedAnswer(data, 'fallback', reason, this.callContext.rateLimit));
   }
 
   /** The cache's answer, else the fallback's; undefined when neither can answer. */
   private async degrade(ctx: FallbackContext): Promise<HttpAnswer | undefined> {
-    const rateLimit = this.context.rateLimit;
+    const rateLimit = this.callContext.rateLimit;
     const key = this.cacheKey();
     if (key !== undefined) {
       const hit = this.guard.cache?.lookup(key);
@@ -418,18 +524,18 @@ export class Exchange {
     }
   }
 
-  private takeOver(): void {
+  private takeOverResponse(): void {
     if (this.phase === GUARDED) return;
     const wasRunning = this.phase === RUNNING || this.phase === FAILED;
     this.phase = GUARDED;
     if (wasRunning) this.target.takeOver();
   }
 
-  private send(answer: HttpAnswer): void {
+  private deliver(answer: HttpAnswer): void {
     if (this.clientGone) return;
     const raw = this.target.raw;
     if (raw.headersSent) {
-      if (!raw.writableEnded && !this.closed) this.destroy();
+      if (!raw.writableEnded && !this.closed) this.destroyConnection();
       return;
     }
     this.target.send(answer);
@@ -446,8 +552,45 @@ export class Exchange {
   private markDecided(): void {
     if (this.decided) return;
     this.decided = true;
-    const resolve = this.onDecided;
-    this.onDecided = undefined;
-    resolve?.();
+    const resolve = this.resolveDecision;
+    if (resolve === undefined) return;
+    const reject = this.rejectDecision!;
+    this.resolveDecision = this.rejectDecision = undefined;
+    if (this.rethrow) reject(this.failure);
+    else resolve();
+  }
+
+  // A promise executor runs synchronously inside `new Promise`, so a module slot hands it
+  // the exchange without allocating a closure per request.
+  private static captureRun(this: void, resolve: (value: typeof DONE) => void, reject: (error: unknown) => void): void {
+    const exchange = capturing!;
+    capturing = undefined;
+    exchange.resolveRun = resolve;
+    exchange.rejectRun = reject;
+  }
+
+  private static captureDecision(this: void, resolve: () => void, reject: (error: unknown) => void): void {
+    const exchange = capturing!;
+    capturing = undefined;
+    exchange.resolveDecision = resolve;
+    exchange.rejectDecision = reject;
   }
 }
+
+const on = EventEmitter.prototype.on;
+
+/**
+ * `raw.on('close', listener)`, taking `on` from EventEmitter itself when the response is
+ * one: a response whose shape V8 cannot cache (Express's) would otherwise pay a lookup
+ * through its whole prototype chain for `on`.
+ */
+function listenClose(raw: RawResponse, listener: () => void): void {
+  if (raw instanceof EventEmitter) on.call(raw, 'close', listener);
+  else raw.on('close', listener);
+}
+
+/** The context of an exchange that has not run (never handed to a policy). */
+const EMPTY_CONTEXT: CallContext = Object.freeze({});
+
+/** The exchange whose promise is being made (see `captureRun`). */
+let capturing: Exchange | undefined;

@@ -3,7 +3,7 @@
 
 import type { GuardRejection } from '../errors.js';
 import { walk } from '../pipeline.js';
-import type { Policy } from '../policy.js';
+import { BasePolicy, type Policy, type PolicyKind } from '../policy.js';
 import { duration, fail, func, knownKeys, positiveInteger } from '../validate.js';
 import { customRejectionAnswer, rejectionAnswer, type AnswerReason, type HttpAnswer, type RejectResponse } from './answers.js';
 import { ResponseCache, type CacheOptions, type HttpRequest } from './cache.js';
@@ -38,6 +38,9 @@ export interface GuardOptions {
 }
 
 const OPTIONS = ['fallback', 'cache', 'isFailure', 'onReject', 'timeoutStatus'] as const;
+
+/** Built-in guards that never look at `context.request` (nor hand the context to user code). */
+const REQUEST_BLIND: ReadonlySet<PolicyKind> = new Set<PolicyKind>(['bulkhead', 'timeout', 'circuit-breaker', 'fallback', 'load-shedder', 'adaptive-concurrency', 'pipeline']);
 const CACHE_OPTIONS = ['ttlMs', 'maxEntries', 'key'] as const;
 
 /**
@@ -79,6 +82,12 @@ export class HttpGuard {
   readonly hasFallback: boolean;
   /** A fallback or a cache may replace a failed answer, so failing answers are held back until it is known. */
   readonly degradable: boolean;
+  /**
+   * Whether a guard of the policy may read `context.request` (a rate limit's or a keyed
+   * guard's key, chaos, a policy bulwark did not make). When none can, the request is
+   * described only if `fallback`, `onReject` or the cache ask for it.
+   */
+  readonly exposesRequest: boolean;
   private readonly fallback: Fallback | undefined;
   private readonly isFailureFn: ((status: number, error: unknown) => boolean) | undefined;
   private readonly onReject: GuardOptions['onReject'];
@@ -88,8 +97,10 @@ export class HttpGuard {
       fail(label, 'policy', 'a policy (an object with execute())', policy);
     }
     let innerFallback = false;
+    let exposesRequest = false;
     for (const inner of walk(policy)) {
       if (inner.kind === 'fallback') innerFallback = true;
+      if (!(inner instanceof BasePolicy) || !REQUEST_BLIND.has(inner.kind)) exposesRequest = true;
       if (inner.kind === 'retry') {
         throw new TypeError(
           `${label}: the policy contains a retry ("${inner.name}"), but a route handler cannot run twice; use retry for outbound calls (guardedFetch, policy.execute) inside the handler`,
@@ -110,6 +121,7 @@ export class HttpGuard {
     this.cache = o.cache === undefined ? undefined : new ResponseCache(cacheOptions(label, o.cache));
     // A `fallback()` inside the policy may answer for a failed handler too: hold failures for it.
     this.degradable = this.hasFallback || this.cache !== undefined || innerFallback;
+    this.exposesRequest = exposesRequest;
   }
 
   /** Whether an answer with `status` (and the error thrown, if any) counts as a failure. */

@@ -208,4 +208,33 @@ describe('express adapter', function () {
     expect((await request(s, '/signal')).status).to.equal(503);
     expect((reason as Error).name).to.equal('TimeoutError');
   });
+
+  it('keeps req.signal the guard\'s even when a middleware set one before it; unguarded routes have none, and may set their own', async () => {
+    const app = express();
+    const before = new AbortController().signal;
+    const seen: Record<string, unknown> = {};
+    app.use((req, _res, next) => {
+      if (req.path === '/preset') req.signal = before;
+      next();
+    });
+    app.get('/preset', guard(timeout(30)), async (req, res) => {
+      seen.preset = req.signal;
+      await new Promise<void>((resolve) => req.signal.addEventListener('abort', () => resolve(), { once: true }));
+      seen.reason = req.signal.reason;
+      res.json({});
+    });
+    app.get('/plain', (req, res) => {
+      seen.plain = req.signal;
+      req.signal = before;
+      seen.assigned = req.signal;
+      res.json({});
+    });
+    const s = await serve(app);
+    expect((await request(s, '/preset')).status).to.equal(503);
+    expect(seen.preset).to.be.instanceOf(AbortSignal).and.not.equal(before);
+    expect((seen.reason as Error).name).to.equal('TimeoutError');
+    expect((await request(s, '/plain')).status).to.equal(200);
+    expect(seen.plain).to.equal(undefined);
+    expect(seen.assigned).to.equal(before);
+  });
 });

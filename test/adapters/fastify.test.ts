@@ -178,4 +178,41 @@ describe('fastify adapter', function () {
     const instance = await build();
     expect(() => instance.get('/bad', { config: { bulwark: 'nope' as never } }, async () => ({}))).to.throw(TypeError, /config\.bulwark/);
   });
+
+  it('leaves Fastify its own request.signal and reply.send on unguarded routes, and patches only this app\'s replies', async () => {
+    const instance = await build();
+    const seen: Record<string, unknown> = {};
+    instance.get('/plain', async (request, reply) => {
+      seen.signal = request.signal;
+      seen.aborted = request.signal.aborted;
+      seen.proto = Object.getPrototypeOf(reply);
+      return { plain: true };
+    });
+    instance.get('/guarded', { config: { bulwark: { policy: timeout(1000) } } }, async (request, reply) => {
+      seen.guardedSignal = request.signal;
+      seen.guardedProto = Object.getPrototypeOf(reply);
+      return { guarded: true };
+    });
+    const other = Fastify({ logger: false });
+    let otherReplyProto: object | undefined;
+    other.get('/other', async (_request, reply) => {
+      otherReplyProto = Object.getPrototypeOf(reply) as object;
+      return {};
+    });
+    const s = await listen(instance);
+    expect((await request(s, '/guarded')).json).to.deep.equal({ guarded: true });
+    expect((await request(s, '/plain')).json).to.deep.equal({ plain: true });
+    expect(seen.signal).to.be.instanceOf(AbortSignal).and.not.equal(seen.guardedSignal);
+    expect(seen.aborted).to.equal(false);
+    await other.inject({ url: '/other' });
+    await other.close();
+    const owner = (proto: object): object => {
+      let o: object | null = proto;
+      while (o !== null && !Object.hasOwn(o, 'send')) o = Object.getPrototypeOf(o) as object | null;
+      return o!;
+    };
+    // The guard's `send` sits on this app's Reply prototype, never on Fastify's shared one.
+    expect(owner(seen.guardedProto as object)).to.not.equal(owner(otherReplyProto!));
+    expect(warnings()).to.deep.equal([]);
+  });
 });

@@ -134,4 +134,35 @@ describe('koa adapter', function () {
     expect((await request(s, '/signal')).status).to.equal(503);
     expect((reason as Error).name).to.equal('TimeoutError');
   });
+
+  it('keeps ctx.signal the guard\'s even when a middleware set one before it; unguarded routes have none, and may set their own', async () => {
+    const app = new Koa();
+    const router = new Router();
+    const before = new AbortController().signal;
+    const seen: Record<string, unknown> = {};
+    app.use(async (ctx, next) => {
+      if (ctx.path === '/preset') ctx.signal = before;
+      await next();
+    });
+    router.get('/preset', guard(timeout(30)), async (ctx) => {
+      seen.preset = ctx.signal;
+      await new Promise<void>((resolve) => ctx.signal.addEventListener('abort', () => resolve(), { once: true }));
+      seen.reason = ctx.signal.reason;
+      ctx.body = {};
+    });
+    router.get('/plain', (ctx) => {
+      seen.plain = ctx.signal;
+      ctx.signal = before;
+      seen.assigned = ctx.signal;
+      ctx.body = {};
+    });
+    const s = await serve(app, router);
+    expect((await request(s, '/preset')).status).to.equal(503);
+    expect(seen.preset).to.be.instanceOf(AbortSignal).and.not.equal(before);
+    expect((seen.reason as Error).name).to.equal('TimeoutError');
+    expect((await request(s, '/plain')).status).to.equal(200);
+    expect(seen.plain).to.equal(undefined);
+    expect(seen.assigned).to.equal(before);
+    expect(errors).to.deep.equal([]);
+  });
 });

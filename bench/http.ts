@@ -1,0 +1,165 @@
+// What a guard costs a real HTTP server: a hello-world JSON route, bare and guarded, in
+// Express, Koa and Fastify, loaded with autocannon over loopback. Every case runs in a fresh
+// server process pinned to one core while autocannon runs here, pinned to the other; cases
+// are interleaved round by round (drift of a shared machine hits them all alike) and the
+// table shows medians. The figure that matters is the server's CPU time per request,
+// measured by the server itself over the run: unlike req/s it does not depend on how much
+// CPU the machine had left. Run `npm run build`, then `npm run bench:http`.
+// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), ONLY (a framework).
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { once, type EventEmitter } from 'node:events';
+import { cpus, loadavg } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import autocannon from 'autocannon';
+import type { Framework, Variant } from './http-server.js';
+
+const here = fileURLToPath(new URL('.', import.meta.url));
+const rounds = Number(process.env.ROUNDS ?? 3);
+const duration = Number(process.env.DURATION ?? 5);
+const warmup = Number(process.env.WARMUP ?? 1);
+const connections = Number(process.env.CONNECTIONS ?? 10);
+const only = process.env.ONLY;
+
+interface Case {
+  framework: Framework;
+  variant: Variant;
+  label: string;
+  /** The case this one is compared with (its CPU per request divides this one's). */
+  baseline: Variant;
+}
+
+const allCases: Case[] = [
+  { framework: 'express', variant: 'bare', label: 'bare', baseline: 'bare' },
+  { framework: 'express', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'express', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'express', variant: 'express-rate-limit', label: 'express-rate-limit', baseline: 'bare' },
+  { framework: 'express', variant: 'bulwark-rate-limit', label: 'bulwark rateLimit', baseline: 'bare' },
+  { framework: 'koa', variant: 'bare', label: 'bare', baseline: 'bare' },
+  { framework: 'koa', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'koa', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'fastify', variant: 'bare', label: 'bare', baseline: 'bare' },
+  { framework: 'fastify', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'fastify', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'fastify', variant: 'opossum', label: 'opossum (timeout 10 s, capacity 1000)', baseline: 'bare' },
+  { framework: 'fastify', variant: 'under-pressure', label: '@fastify/under-pressure', baseline: 'bare' },
+];
+const cases = allCases.filter((c) => only === undefined || only.split(',').includes(c.framework));
+
+interface Sample {
+  rps: number;
+  p50: number;
+  p99: number;
+  /** Server CPU (user + system) per request, microseconds. */
+  cpuUs: number;
+  errors: number;
+}
+
+/** Pins this process (autocannon) to core 0 and servers to core 1, when the machine allows it. */
+function pinning(): { load: string[]; server: string[]; note: string } {
+  if (cpus().length < 2) return { load: [], server: [], note: 'one core: not pinned' };
+  try {
+    execFileSync('taskset', ['-a', '-cp', '0', String(process.pid)], { stdio: 'ignore' });
+    execFileSync('taskset', ['-c', '1', 'true'], { stdio: 'ignore' });
+    return { load: ['0'], server: ['taskset', '-c', '1'], note: 'autocannon pinned to core 0, server to core 1 (taskset)' };
+  } catch {
+    return { load: [], server: [], note: 'taskset unavailable: not pinned' };
+  }
+}
+
+const pin = pinning();
+
+function startServer(c: Case): { child: ChildProcess; ready: Promise<number> } {
+  const args = [process.execPath, '--import', 'tsx', `${here}http-server.ts`, c.framework, c.variant];
+  const [command, ...rest] = [...pin.server, ...args] as [string, ...string[]];
+  const child = spawn(command, rest, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: { ...process.env, NODE_ENV: 'production' } });
+  const ready = new Promise<number>((resolve, reject) => {
+    child.once('message', (m: { type: string; port: number }) => (m.type === 'ready' ? resolve(m.port) : reject(new Error(`unexpected ${m.type}`))));
+    child.once('exit', (code) => reject(new Error(`${c.framework} ${c.variant} server exited with ${code}`)));
+  });
+  return { child, ready };
+}
+
+function ask(child: ChildProcess, type: string): Promise<{ type: string; userUs: number; systemUs: number }> {
+  const answer = once(child, 'message') as Promise<[{ type: string; userUs: number; systemUs: number }]>;
+  child.send({ type });
+  return answer.then(([m]) => m);
+}
+
+interface Load {
+  result: autocannon.Result;
+  /** Every 2xx response's latency, ms, sorted (autocannon's own histogram keeps whole milliseconds). */
+  latencies: Float64Array;
+}
+
+async function load(port: number, seconds: number): Promise<Load> {
+  const times: number[] = [];
+  // The instance is a promise and an event emitter at once (its types only say promise).
+  const run = autocannon({ url: `http://127.0.0.1:${port}/`, connections, duration: seconds }) as Promise<autocannon.Result> & EventEmitter;
+  run.on('response', (_client: unknown, status: number, _bytes: number, ms: number) => {
+    if (status >= 200 && status < 300) times.push(ms);
+  });
+  const result = await run;
+  return { result, latencies: Float64Array.from(times).sort() };
+}
+
+function percentile(sorted: Float64Array, p: number): number {
+  return sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+}
+
+async function runCase(c: Case): Promise<Sample> {
+  const { child, ready } = startServer(c);
+  try {
+    const port = await ready;
+    if (warmup > 0) await load(port, warmup);
+    await ask(child, 'start');
+    const { result, latencies } = await load(port, duration);
+    const cpu = await ask(child, 'stop');
+    const requests = result.requests.total;
+    if (result.non2xx > 0 || result.errors > 0) process.stderr.write(`  ${c.framework} ${c.variant}: ${result.non2xx} non-2xx, ${result.errors} errors\n`);
+    return {
+      rps: requests / duration,
+      p50: percentile(latencies, 50),
+      p99: percentile(latencies, 99),
+      cpuUs: (cpu.userUs + cpu.systemUs) / requests,
+      errors: result.non2xx + result.errors,
+    };
+  } finally {
+    child.kill();
+    await once(child, 'exit').catch(() => undefined);
+  }
+}
+
+const median = (values: number[]): number => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+};
+
+const load0 = loadavg()[0]!;
+const samples = new Map<Case, Sample[]>();
+const started = Date.now();
+for (let round = 0; round < rounds; round++) {
+  for (const c of cases) {
+    const sample = await runCase(c);
+    samples.set(c, [...(samples.get(c) ?? []), sample]);
+    process.stderr.write(`round ${round + 1}/${rounds} ${c.framework} ${c.variant}: ${sample.rps.toFixed(0)} req/s, ${sample.cpuUs.toFixed(2)} µs CPU/req\n`);
+  }
+}
+const load1 = loadavg()[0]!;
+
+const cell = (values: number[], digits: number): string => median(values).toFixed(digits);
+console.log(`\n${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} cores (nproc), Node ${process.version}; ${pin.note};`);
+console.log(`${connections} connections, ${duration} s per run after ${warmup} s warm-up, ${rounds} rounds interleaved, medians; load average ${load0.toFixed(1)} before, ${load1.toFixed(1)} after; ${((Date.now() - started) / 1000).toFixed(0)} s in all.\n`);
+console.log('| framework | route | req/s | p50 ms | p99 ms | server CPU µs/req | CPU ÷ bare | p99 ÷ bare |');
+console.log('|---|---|---:|---:|---:|---:|---:|---:|');
+for (const c of cases) {
+  const mine = samples.get(c)!;
+  const base = samples.get(cases.find((b) => b.framework === c.framework && b.variant === c.baseline)!)!;
+  const ratio = (pick: (s: Sample) => number): string => {
+    // Ratios of the rounds' medians; each round compares runs made moments apart.
+    return c.variant === c.baseline ? '' : (median(mine.map(pick)) / median(base.map(pick))).toFixed(3);
+  };
+  console.log(
+    `| ${c.framework} | ${c.label} | ${cell(mine.map((s) => s.rps), 0)} | ${cell(mine.map((s) => s.p50), 3)} | ${cell(mine.map((s) => s.p99), 3)} | ${cell(mine.map((s) => s.cpuUs), 2)} | ${ratio((s) => s.cpuUs)} | ${ratio((s) => s.p99)} |`,
+  );
+}
