@@ -138,6 +138,7 @@ export class AdaptiveConcurrency extends BasePolicy<AdaptiveConcurrencyStats, Ad
       return Promise.reject(error);
     }
     this.admitted++;
+    this.admittedCall();
     return this.measure(fn, call, ++this.inflight);
   }
 

@@ -117,6 +117,7 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
     if (this.running < this.limit) {
       this.running++;
       this.admitted++;
+      this.admittedCall();
       return this.start(fn, call);
     }
     if (this.waiting.size >= this.queue) return Promise.reject(this.refuse());
@@ -132,6 +133,7 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
     if (scope !== undefined && scope.aborted) return DEFER;
     this.running++;
     this.admitted++;
+    this.admittedCall();
     return undefined;
   }
 
@@ -221,6 +223,7 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
       throw scope.reason;
     }
     this.admitted++;
+    this.admittedCall();
     return this.start(fn, call);
   }
 

@@ -292,6 +292,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.listening()) return DEFER;
     const scope = call.scope;
     if (scope !== undefined && scope.aborted) return DEFER;
+    this.admittedCall();
     return state;
   }
 
@@ -415,6 +416,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
   }
 
   private runAdmitted<T>(fn: InternalFunction<T>, call: Call, admitted: MachineState, start: number): Promise<T> {
+    this.admittedCall();
     const scope = call.scope;
     return scope === undefined ? this.runTracked(fn, call, admitted, start) : this.runScoped(fn, call, scope, admitted, start);
   }

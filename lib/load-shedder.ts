@@ -109,6 +109,7 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
       return Promise.reject(error);
     }
     this.admitted++;
+    this.admittedCall();
     if (this.events?.has('success') || this.events?.has('failure')) return this.observe(fn, call);
     try {
       return Promise.resolve(fn(call)) as Promise<T>;

@@ -56,6 +56,8 @@ export type PolicyKind =
 
 /** Events every guard may publish. Guards add their own (a breaker's `stateChange`, …). */
 export interface PolicyEvents {
+  /** A guard that can refuse (breaker, bulkhead, rate limit, load shedder, adaptive limit) let the call through. */
+  admitted: Record<string, never>;
   /** The guarded function ran and its outcome was a success. */
   success: { durationMs: number | undefined };
   /** The guarded function ran and failed (as the guard counts failures). */
@@ -131,6 +133,8 @@ export function runPolicy<T>(policy: Policy, fn: InternalFunction<T>, call: Call
   return policy.execute((ctx) => fn(ctx instanceof Call ? ctx : new Call(new Scope(ctx.signal), ctx.attempt, ctx.context)), call.signal, call.context);
 }
 
+const ADMITTED: Record<string, never> = Object.freeze({});
+
 const counters = new Map<string, number>();
 
 /** `circuitBreaker-1`, `circuitBreaker-2`, … for guards the user did not name. */
@@ -149,6 +153,12 @@ export abstract class BasePolicy<Stats extends object, Events extends PolicyEven
   readonly name: string;
   /** Created on the first subscription; guards check `events?.has(…)` before building a payload. */
   protected events: Emitter<Events> | undefined;
+
+  /** Publishes `admitted` when somebody listens; one check otherwise. */
+  protected admittedCall(): void {
+    const events = this.events as Emitter<PolicyEvents> | undefined;
+    if (events !== undefined && events.has('admitted')) events.emit('admitted', ADMITTED);
+  }
 
   constructor(name: string) {
     this.name = name;

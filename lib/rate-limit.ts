@@ -162,6 +162,7 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
       return Promise.reject(error);
     }
     this.admitted++;
+    this.admittedCall();
     const events = this.events;
     if (events !== undefined && (events.has('success') || events.has('failure'))) return this.observe(fn, call);
     try {
