@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import sinon from 'sinon';
 import fc from 'fast-check';
 import type { Redis } from 'ioredis';
 import { RateLimitError } from '../../lib/errors.js';
@@ -50,6 +51,24 @@ describe('redisStore: rate limits', function () {
 
   after(async () => {
     await admin?.quit();
+  });
+
+  it('holds one limit between instances whose own clocks disagree by ±5 s: windows run on Redis time', async () => {
+    const [a, b] = await instances(2);
+    const limiter = rule('sliding-window', 10, 60_000, 'skewed');
+    const clock = sinon.useFakeTimers({ now: Date.now(), toFake: ['Date', 'performance'] });
+    try {
+      let admitted = 0;
+      for (let i = 0; i < 30; i++) {
+        // Each "instance" sees its own time: one 5 s ahead, the other 5 s behind.
+        clock.setSystemTime(Date.now() + (i % 2 === 0 ? 5_000 : -10_000));
+        const decision = await (i % 2 === 0 ? a! : b!).consume(limiter, 'client');
+        if (decision.allowed) admitted++;
+      }
+      expect(admitted).to.equal(10);
+    } finally {
+      clock.restore();
+    }
   });
 
   for (const [algorithm, windowMs] of [
