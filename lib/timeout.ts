@@ -114,7 +114,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     else pending.resolve(outcome);
   }
 
-  /** Ends the deadline of a call that settled; false when the deadline came first. */
+  /** @internal Ends the deadline of a call that settled; false when the deadline came first. */
   finish(pending: PendingCall, outcome: unknown, failed: boolean): boolean {
     // Out of the queue already: the deadline came first, and the caller has its answer.
     if (!this.deadlines.delete(pending)) return false;
