@@ -3,7 +3,8 @@ import { resolveKey, SHARED_KEY, type KeyFunction } from './keys.js';
 import { systemClock, type Clock } from './clock.js';
 import { RateLimitError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type CallContext, type InternalFunction, type PolicyEvents } from './policy.js';
-import { memoryStore } from './stores/memory.js';
+import { DEFER, enter, leave } from './fused.js';
+import { memoryStore, MemoryStore } from './stores/memory.js';
 import type { RateLimitAlgorithm, RateLimitDecision, RateLimitRule, RateLimitStore } from './stores/types.js';
 import * as validate from './validate.js';
 
@@ -79,6 +80,8 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
   readonly algorithm: RateLimitAlgorithm;
   readonly store: RateLimitStore;
   private readonly rule: RateLimitRule;
+  /** The built-in memory store decides synchronously, which lets a pipeline fuse this limiter. */
+  private readonly synchronous: boolean = true;
   private readonly keyFn: RateLimitOptions['key'];
   private readonly clock: Clock;
   private admitted = 0;
@@ -107,12 +110,31 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
       // maxKeys belongs to the store; silently ignoring it would leave memory unbounded.
       if (o.maxKeys !== undefined) throw new TypeError('rateLimit: maxKeys cannot be combined with store (give maxKeys to the store)');
       this.store = o.store;
+      this.synchronous = o.store instanceof MemoryStore;
     } else {
       const maxKeys = validate.positiveInteger('rateLimit', 'maxKeys', o.maxKeys ?? 100_000);
       this.store = memoryStore({ maxKeys, clock: this.clock });
     }
     this.rule = Object.freeze({ name: this.name, limit: this.limit, windowMs: this.windowMs, algorithm: this.algorithm });
   }
+
+  /**
+   * Fused pipelines: with the memory store the decision is synchronous, so the limiter
+   * admits or refuses on the spot and needs to hear nothing afterwards.
+   */
+  [enter](call: Call): unknown {
+    const events = this.events;
+    if (!this.synchronous || (events !== undefined && (events.has('success') || events.has('failure')))) return DEFER;
+    const key = this.keyOf(call.context);
+    const decision = this.store.consume(this.rule, key) as RateLimitDecision;
+    record(call.context, decision);
+    if (!decision.allowed) throw this.refuse(decision, key);
+    this.admitted++;
+    this.admittedCall();
+    return undefined;
+  }
+
+  [leave](): void {}
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
     const key = this.keyOf(call.context);
@@ -155,12 +177,7 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
 
   private decide<T>(decision: RateLimitDecision, key: string, fn: InternalFunction<T>, call: Call): Promise<T> {
     record(call.context, decision);
-    if (!decision.allowed) {
-      this.rejected++;
-      const error = withoutStack(() => new RateLimitError(decision.retryAfterMs, this.name));
-      if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'rate_limited', error, key });
-      return Promise.reject(error);
-    }
+    if (!decision.allowed) return Promise.reject(this.refuse(decision, key));
     this.admitted++;
     this.admittedCall();
     const events = this.events;
@@ -170,6 +187,13 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
     } catch (error) {
       return Promise.reject(error);
     }
+  }
+
+  private refuse(decision: RateLimitDecision, key: string): RateLimitError {
+    this.rejected++;
+    const error = withoutStack(() => new RateLimitError(decision.retryAfterMs, this.name));
+    if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'rate_limited', error, key });
+    return error;
   }
 
   private async observe<T>(fn: InternalFunction<T>, call: Call): Promise<T> {

@@ -6,7 +6,10 @@ import { BulkheadFullError, CircuitOpenError, ClientDisconnectedError, TimeoutEr
 import { fallback } from '../lib/fallback.js';
 import { compile, FusedSegment } from '../lib/fused.js';
 import { pipeline } from '../lib/pipeline.js';
+import { rateLimit } from '../lib/rate-limit.js';
 import { retry } from '../lib/retry.js';
+import { RateLimitError } from '../lib/errors.js';
+import type { CallContext } from '../lib/policy.js';
 import { timeout } from '../lib/timeout.js';
 
 // A pipeline runs each run of guards that admit synchronously as one layer. These tests
@@ -155,5 +158,30 @@ describe('fused pipeline segments', () => {
     ).to.equal(error);
     expect(b.stats().active).to.equal(0);
     expect(breaker.state).to.equal('open');
+  });
+
+  it('fuses a rate limit on the memory store: records the decision, refuses in place, frees the outer places', async () => {
+    const b = bulkhead({ limit: 1 });
+    const limiter = rateLimit({ limit: 1, windowMs: 60_000 });
+    const guard = pipeline(b, limiter, timeout(1000));
+    expect(compile([b, limiter])).to.have.length(1);
+    const context: CallContext = {};
+    expect(await guard.execute(() => 'first', undefined, context)).to.equal('first');
+    expect(context.rateLimit).to.include({ limit: 1, remaining: 0 });
+    const refused = await outcome(guard.execute(() => 'second', undefined, {}));
+    expect(refused).to.be.instanceOf(RateLimitError);
+    expect(b.stats()).to.include({ active: 0, queued: 0 });
+    expect(limiter.stats()).to.include({ admitted: 1, rejected: 1 });
+  });
+
+  it('leaves a rate limit on a network store to its own path', async () => {
+    const store = {
+      consume: async () => ({ allowed: true, limit: 5, remaining: 4, resetMs: 1000, retryAfterMs: 0 }),
+      size: () => 0,
+    };
+    const limiter = rateLimit({ limit: 5, windowMs: 1000, store });
+    const context: CallContext = {};
+    expect(await pipeline(bulkhead({ limit: 1 }), limiter).execute(() => 'ok', undefined, context)).to.equal('ok');
+    expect(context.rateLimit).to.include({ remaining: 4 });
   });
 });
