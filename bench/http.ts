@@ -5,7 +5,8 @@
 // table shows medians. The figure that matters is the server's CPU time per request,
 // measured by the server itself over the run: unlike req/s it does not depend on how much
 // CPU the machine had left. Run `npm run build`, then `npm run bench:http`.
-// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), ONLY (a framework).
+// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), ONLY (frameworks,
+// comma-separated), DETAIL=1 (adds each adapter with an empty pipeline: its own cost, without guards).
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { once, type EventEmitter } from 'node:events';
 import { cpus, loadavg } from 'node:os';
@@ -26,24 +27,30 @@ interface Case {
   label: string;
   /** The case this one is compared with (its CPU per request divides this one's). */
   baseline: Variant;
+  /** Only with DETAIL=1: a diagnostic row. */
+  detail?: boolean;
 }
 
 const allCases: Case[] = [
   { framework: 'express', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'express', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
   { framework: 'express', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'express', variant: 'express-rate-limit', label: 'express-rate-limit', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark-rate-limit', label: 'bulwark rateLimit', baseline: 'bare' },
   { framework: 'koa', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'koa', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'koa', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
   { framework: 'koa', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'fastify', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'fastify', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'fastify', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
   { framework: 'fastify', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'fastify', variant: 'opossum', label: 'opossum (timeout 10 s, capacity 1000)', baseline: 'bare' },
   { framework: 'fastify', variant: 'under-pressure', label: '@fastify/under-pressure', baseline: 'bare' },
 ];
-const cases = allCases.filter((c) => only === undefined || only.split(',').includes(c.framework));
+const detail = process.env.DETAIL === '1';
+const cases = allCases.filter((c) => (only === undefined || only.split(',').includes(c.framework)) && (detail || c.detail !== true));
 
 interface Sample {
   rps: number;
@@ -138,28 +145,36 @@ const median = (values: number[]): number => {
 const load0 = loadavg()[0]!;
 const samples = new Map<Case, Sample[]>();
 const started = Date.now();
+const frameworks = [...new Set(cases.map((c) => c.framework))];
 for (let round = 0; round < rounds; round++) {
-  for (const c of cases) {
-    const sample = await runCase(c);
-    samples.set(c, [...(samples.get(c) ?? []), sample]);
-    process.stderr.write(`round ${round + 1}/${rounds} ${c.framework} ${c.variant}: ${sample.rps.toFixed(0)} req/s, ${sample.cpuUs.toFixed(2)} µs CPU/req\n`);
+  for (const framework of frameworks) {
+    // A framework's cases run back to back, so that each is compared with a bare run made
+    // moments before or after it; every other round runs them in reverse order.
+    const mine = cases.filter((c) => c.framework === framework);
+    for (const c of round % 2 === 0 ? mine : [...mine].reverse()) {
+      const sample = await runCase(c);
+      samples.set(c, [...(samples.get(c) ?? []), sample]);
+      process.stderr.write(`round ${round + 1}/${rounds} ${c.framework} ${c.variant}: ${sample.rps.toFixed(0)} req/s, ${sample.cpuUs.toFixed(2)} µs CPU/req\n`);
+    }
   }
 }
 const load1 = loadavg()[0]!;
 
 const cell = (values: number[], digits: number): string => median(values).toFixed(digits);
 console.log(`\n${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} cores (nproc), Node ${process.version}; ${pin.note};`);
-console.log(`${connections} connections, ${duration} s per run after ${warmup} s warm-up, ${rounds} rounds interleaved, medians; load average ${load0.toFixed(1)} before, ${load1.toFixed(1)} after; ${((Date.now() - started) / 1000).toFixed(0)} s in all.\n`);
-console.log('| framework | route | req/s | p50 ms | p99 ms | server CPU µs/req | CPU ÷ bare | p99 ÷ bare |');
+console.log(
+  `${connections} connections, ${duration} s per run after ${warmup} s warm-up, ${rounds} rounds, medians; load average ${load0.toFixed(1)} before, ${load1.toFixed(1)} after; ${((Date.now() - started) / 1000).toFixed(0)} s in all.\n`,
+);
+console.log('| framework | route | req/s | p50 ms | p99 ms | server CPU µs/req | CPU ÷ bare (rounds) | p99 ÷ bare |');
 console.log('|---|---|---:|---:|---:|---:|---:|---:|');
 for (const c of cases) {
   const mine = samples.get(c)!;
   const base = samples.get(cases.find((b) => b.framework === c.framework && b.variant === c.baseline)!)!;
-  const ratio = (pick: (s: Sample) => number): string => {
-    // Ratios of the rounds' medians; each round compares runs made moments apart.
-    return c.variant === c.baseline ? '' : (median(mine.map(pick)) / median(base.map(pick))).toFixed(3);
-  };
+  // Each round's run against that round's bare run, then the median over the rounds.
+  const ratios = (pick: (s: Sample) => number): number[] => mine.map((sample, round) => pick(sample) / pick(base[round]!));
+  const cpu = ratios((s) => s.cpuUs);
+  const spread = `${median(cpu).toFixed(3)} (${Math.min(...cpu).toFixed(2)}–${Math.max(...cpu).toFixed(2)})`;
   console.log(
-    `| ${c.framework} | ${c.label} | ${cell(mine.map((s) => s.rps), 0)} | ${cell(mine.map((s) => s.p50), 3)} | ${cell(mine.map((s) => s.p99), 3)} | ${cell(mine.map((s) => s.cpuUs), 2)} | ${ratio((s) => s.cpuUs)} | ${ratio((s) => s.p99)} |`,
+    `| ${c.framework} | ${c.label} | ${cell(mine.map((s) => s.rps), 0)} | ${cell(mine.map((s) => s.p50), 3)} | ${cell(mine.map((s) => s.p99), 3)} | ${cell(mine.map((s) => s.cpuUs), 2)} | ${c.variant === c.baseline ? '' : spread} | ${c.variant === c.baseline ? '' : median(ratios((s) => s.p99)).toFixed(3)} |`,
   );
 }
