@@ -20,13 +20,13 @@ import Koa from 'koa';
 import CircuitBreaker from 'opossum';
 
 export type Framework = 'express' | 'koa' | 'fastify';
-export type Variant = 'bare' | 'noop' | 'bulwark' | 'bulwark-empty' | 'cockatiel' | 'opossum' | 'under-pressure' | 'express-rate-limit' | 'bulwark-rate-limit';
+export type Variant = 'bare' | 'bulwark' | 'bulwark-empty' | 'cockatiel' | 'opossum' | 'under-pressure' | 'express-rate-limit' | 'bulwark-rate-limit';
 
 const framework = process.argv[2] as Framework;
 const variant = process.argv[3] as Variant;
 const hello = { hello: 'world' };
 
-/** The guard the issue measures: every request admitted, timed and counted. */
+/** The guard the benchmark measures: every request admitted, timed and counted. */
 const bulwarkPolicy = () => pipeline(bulkhead({ limit: 1000 }), timeout(10_000), circuitBreaker());
 /** The same three guards in cockatiel, wrapped around the handler. */
 const cockatielPolicy = () =>
@@ -51,9 +51,6 @@ async function expressServer(): Promise<http.Server> {
   switch (variant) {
     case 'bare':
       app.get('/', handler);
-      break;
-    case 'noop':
-      app.get('/', (_req, _res, next) => next(), handler);
       break;
     case 'bulwark':
       app.get('/', expressGuard(bulwarkPolicy()), handler);
@@ -90,9 +87,6 @@ async function koaServer(): Promise<http.Server> {
     case 'bare':
       router.get('/', handler);
       break;
-    case 'noop':
-      router.get('/', (_ctx, next) => next(), handler);
-      break;
     case 'bulwark':
       router.get('/', koaGuard(bulwarkPolicy()), handler);
       break;
@@ -117,9 +111,6 @@ async function fastifyServer(): Promise<http.Server> {
   switch (variant) {
     case 'bare':
       app.get('/', handler);
-      break;
-    case 'noop':
-      app.get('/', { preHandler: (_request, _reply, done) => done() }, handler);
       break;
     case 'bulwark':
       await app.register(bulwark);

@@ -1,0 +1,61 @@
+// The HTTP benchmark's cases counted in instructions instead of CPU time: each server runs
+// under valgrind's callgrind with V8's `--predictable` (no background threads, no timing
+// dependence), is warmed up, and then the user-space instructions it executes for a fixed
+// number of requests are counted. With one connection the count repeats to within a few
+// hundred instructions per request whatever else the machine is doing, so it shows a change
+// of 1 % where CPU time on a shared machine cannot. It leaves out the kernel (the same for
+// every case) and runs ~50x slower than normal: use it to compare, not to size a server.
+// Needs valgrind. Run `npm run build`, then `npx tsx bench/http-instructions.ts [framework…]`.
+// Env: REQUESTS (3000), WARMUP requests (6000), CONNECTIONS (1), VARIANTS (bare,bulwark-empty,bulwark).
+import { execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import autocannon from 'autocannon';
+import type { Framework, Variant } from './http-server.js';
+
+const here = fileURLToPath(new URL('.', import.meta.url));
+const requests = Number(process.env.REQUESTS ?? 3000);
+const warmup = Number(process.env.WARMUP ?? 6000);
+const connections = Number(process.env.CONNECTIONS ?? 1);
+const variants = (process.env.VARIANTS ?? 'bare,bulwark-empty,bulwark').split(',') as Variant[];
+const frameworks = (process.argv.length > 2 ? process.argv.slice(2) : ['fastify', 'koa', 'express']) as Framework[];
+const dir = mkdtempSync(join(tmpdir(), 'bulwark-callgrind-'));
+
+async function count(framework: Framework, variant: Variant): Promise<number> {
+  const out = join(dir, `${framework}.${variant}.out`);
+  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, '--predictable', '--import', 'tsx', `${here}http-server.ts`, framework, variant];
+  const child = spawn('valgrind', args, { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], env: { ...process.env, NODE_ENV: 'production' } });
+  const [ready] = (await once(child, 'message')) as [{ port: number }];
+  const url = `http://127.0.0.1:${ready.port}/`;
+  await autocannon({ url, connections, amount: warmup });
+  execFileSync('callgrind_control', ['--instr=on', String(child.pid)], { stdio: 'ignore' });
+  const result = await autocannon({ url, connections, amount: requests });
+  execFileSync('callgrind_control', ['--instr=off', String(child.pid)], { stdio: 'ignore' });
+  child.kill('SIGINT');
+  await once(child, 'exit');
+  const summary = execFileSync('callgrind_annotate', [out], { encoding: 'utf8', maxBuffer: 1 << 30 });
+  const total = /([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS/.exec(summary)?.[1];
+  if (total === undefined || result.non2xx > 0) throw new Error(`${framework} ${variant}: no count (${result.non2xx} non-2xx answers)`);
+  return Number(total.replace(/,/g, '')) / result.requests.total;
+}
+
+try {
+  console.log(`\nuser-space instructions per request (callgrind, node --predictable), ${connections} connection(s), ${requests} requests after ${warmup}\n`);
+  console.log('| framework | route | instructions/request | added over bare | ÷ bare |');
+  console.log('|---|---|---:|---:|---:|');
+  for (const framework of frameworks) {
+    let bare: number | undefined;
+    for (const variant of variants) {
+      const value = await count(framework, variant);
+      bare ??= variant === 'bare' ? value : undefined;
+      const added = bare === undefined || variant === 'bare' ? '' : (value - bare).toFixed(0);
+      const ratio = bare === undefined || variant === 'bare' ? '' : (value / bare).toFixed(3);
+      console.log(`| ${framework} | ${variant} | ${value.toFixed(0)} | ${added} | ${ratio} |`);
+    }
+  }
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+}
