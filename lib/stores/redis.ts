@@ -5,7 +5,7 @@ import * as validate from '../validate.js';
 import { memoryStore } from './memory.js';
 import { BreakerSync, escapeName } from './redis/breakers.js';
 import type { RedisCallback, RedisClientLike } from './redis/client.js';
-import { Connection, type BatchedCommand, type RedisStoreEvents, type RedisStoreLogger, type RedisTimeoutError, type TimedCommand } from './redis/connection.js';
+import { Connection, type RedisStoreEvents, type RedisStoreLogger, type RedisTimeoutError, type ScriptCommand, type TimedCommand } from './redis/connection.js';
 import { isNoScript, slidingWindowScript, tokenBucketScript, type Script } from './redis/scripts.js';
 import type { BreakerLink, BreakerPeerHandler, BreakerStore, RateLimitDecision, RateLimitRule, RateLimitStore } from './types.js';
 
@@ -242,7 +242,7 @@ export class RedisStore implements RateLimitStore, BreakerStore {
 }
 
 /** One rate-limit decision on its way through Redis. */
-class Decision implements BatchedCommand {
+class Decision implements ScriptCommand {
   phase: 0 | 1 | 2 = 0;
   deadline = 0;
   older: TimedCommand | undefined = undefined;

@@ -22,19 +22,12 @@ export interface RedisSubscriberClient {
 /**
  * The client `redisStore` is given: an ioredis `Redis` (or anything shaped like it). The
  * store runs Lua scripts with `evalsha` (and `eval` when the server has not cached the
- * script yet), writes the decisions of one tick together (corking `stream`), follows
- * `status` and the `ready`/`close`/`error` events, and makes a subscriber with `duplicate()`
- * the first time a breaker attaches.
+ * script yet), follows `status` and the `ready`/`close`/`error` events, and makes a
+ * subscriber with `duplicate()` the first time a breaker attaches.
  */
 export interface RedisClientLike {
   /** ioredis's connection status; the store sends commands only while it is `'ready'`. */
   readonly status: string;
-  /**
-   * The client's socket (ioredis `Redis#stream`), corked while the decisions of one tick
-   * are written so that they leave together. A client without one (a `Cluster`) writes
-   * them one by one.
-   */
-  readonly stream?: { cork(): void; uncork(): void };
   connect(): Promise<void>;
   evalsha(sha1: string, numkeys: number, ...args: RedisArgument[]): Promise<unknown>;
   evalsha(sha1: string, numkeys: number, key: string, arg1: RedisArgument, arg2: RedisArgument, callback: RedisCallback): unknown;
