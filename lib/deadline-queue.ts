@@ -17,9 +17,11 @@ export interface DeadlineEntry {
  * leave early are only marked (lazy deletion); the array is compacted once more than half
  * of it is dead, so memory follows the entries in the queue, not throughput × `ms`.
  *
- * The timer is `unref()`ed. When the queue empties, the timer is dropped at the next turn
- * of the event loop rather than at once: a caller that runs one call at a time would
- * otherwise arm and clear a timer on every call.
+ * The timer is `unref()`ed. When the queue empties, the timer is left to lapse: it fires
+ * once more (at most one tick later), finds nothing, and is not armed again. Clearing it
+ * instead would make a caller that runs one call at a time arm and clear a timer on every
+ * call, and scheduling that clear for the next turn (a `setImmediate`) cost a server ~15 %
+ * more instructions per request than the whole rest of the guard.
  *
  * With `ms` undefined it is a plain FIFO with O(1) removal (a bulkhead without
  * `queueTimeoutMs`), and never creates a timer.
@@ -38,7 +40,6 @@ export class DeadlineQueue<E extends DeadlineEntry> {
   private end = 0;
   private live = 0;
   private timer: ReturnType<typeof setTimeout> | undefined;
-  private idleCheck: ReturnType<typeof setImmediate> | undefined;
 
   /**
    * @param ms how long each entry may wait; undefined for no expiry
@@ -138,19 +139,7 @@ export class DeadlineQueue<E extends DeadlineEntry> {
     this.first = 0;
     this.end = 0;
     if (entries.length > 64) this.entries = [];
-    if (this.timer !== undefined && this.idleCheck === undefined) {
-      this.idleCheck = setImmediate(this.dropIdleTimer);
-      this.idleCheck.unref?.();
-    }
   }
-
-  private readonly dropIdleTimer = (): void => {
-    this.idleCheck = undefined;
-    if (this.live === 0 && this.timer !== undefined) {
-      clearTimeout(this.timer);
-      this.timer = undefined;
-    }
-  };
 
   private arm(delayMs: number): void {
     // Node timers take whole milliseconds; rounding down would fire before the deadline.

@@ -152,6 +152,8 @@ describe('bulkhead properties', () => {
             expect(stats).to.include({ active: 0, queued: 0 });
             expect(stats.admitted).to.equal(records.filter((r) => r.started).length);
             expect(stats.rejected).to.equal(records.filter((r) => r.error instanceof BulkheadFullError).length);
+            // An idle queue's timer lapses at its next tick (at most 25 ms).
+            await clock.tickAsync(25);
             expect(clock.countTimers()).to.equal(0);
           } finally {
             clock.restore();
