@@ -129,8 +129,7 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
     if (this.running >= this.limit) return DEFER;
     const events = this.events;
     if (events !== undefined && (events.has('success') || events.has('failure'))) return DEFER;
-    const scope = call.scope;
-    if (scope !== undefined && scope.aborted) return DEFER;
+    if (call.aborted) return DEFER;
     this.running++;
     this.admitted++;
     this.admittedCall();

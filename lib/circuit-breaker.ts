@@ -290,18 +290,16 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     this.ensureAttached();
     const state = this.current;
     if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.listening()) return DEFER;
-    const scope = call.scope;
-    if (scope !== undefined && scope.aborted) return DEFER;
+    if (call.aborted) return DEFER;
     this.admittedCall();
     return state;
   }
 
   [leave](token: unknown, call: Call, outcome: unknown, failed: boolean): void {
     const admitted = token as MachineState;
-    const scope = call.scope;
-    if (scope !== undefined && scope.aborted) {
+    if (call.aborted) {
       // As in `runScoped`: a timeout is a failure, any other abort says nothing.
-      const reason = scope.reason;
+      const reason = call.abortReason;
       if (isGuardRejection(reason) && reason.reason === 'timeout') this.settleError(admitted, reason, NaN);
       else this.settleIgnored(admitted, reason, NaN);
     } else if (failed) {

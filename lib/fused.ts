@@ -1,4 +1,5 @@
-import type { Scope } from './cancellation.js';
+import { Scope } from './cancellation.js';
+import type { DeadlineEntry } from './deadline-queue.js';
 import { Call, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
 
 // A pipeline of guards that each wrap the call in a promise of their own pays for every
@@ -30,18 +31,18 @@ export interface FusableGuard extends Policy {
 
 /** What a fused segment needs from a timeout. */
 export interface DeadlineGuard extends Policy {
-  [deadline](call: Call, owner: DeadlineOwner): TimedScope;
+  /** Starts timing `entry`; the guard calls `entry.timedOut()` if the deadline passes first. */
+  [deadline](entry: TimedCall): void;
+  /** Ends the deadline of a call that settled: false when it had already passed. */
+  finish(entry: TimedCall, outcome: unknown, failed: boolean): boolean;
 }
 
-/** The child scope a timeout opens for one call. */
-export interface TimedScope extends Scope {
-  /** Ends the deadline: false when it had already passed (the owner was told). */
-  close(outcome: unknown, failed: boolean): boolean;
-}
-
-/** Told by the timeout when the deadline passes first. */
-export interface DeadlineOwner {
-  expired(error: unknown): void;
+/** A call a timeout times: its deadline-queue entry, and what the timeout tells it. */
+export interface TimedCall extends DeadlineEntry {
+  /** The call ended in time: let go of the caller's scope. */
+  dispose(): void;
+  /** The deadline passed: abort the call and answer the caller with `error`. */
+  timedOut(error: unknown): void;
 }
 
 export function isFusable(policy: Policy): policy is FusableGuard {
@@ -55,7 +56,13 @@ export function isDeadline(policy: Policy): policy is DeadlineGuard {
 /** Runs `policies[index…]` the ordinary way: each wraps the next. */
 export function runNested<T>(policies: readonly Policy[], index: number, fn: InternalFunction<T>, call: Call): Promise<T> {
   if (index === policies.length - 1) return runPolicy(policies[index]!, fn, call);
-  if (index >= policies.length) return Promise.resolve().then(() => fn(call));
+  if (index >= policies.length) {
+    try {
+      return Promise.resolve(fn(call));
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
   return runPolicy(policies[index]!, (inner) => runNested(policies, index + 1, fn, inner), call);
 }
 
@@ -68,6 +75,33 @@ export class FusedSegment {
   ) {}
 
   run<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
+    let started: FusedCall | Promise<unknown>;
+    try {
+      started = this.begin(call, undefined, fn as InternalFunction<unknown>);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (!(started instanceof FusedCall)) return started as Promise<T>;
+    let result: T | PromiseLike<T>;
+    try {
+      result = fn(started.inner);
+    } catch (error) {
+      return started.answer(Promise.reject(error)) as Promise<T>;
+    }
+    return started.answer(result) as Promise<T>;
+  }
+
+  /**
+   * Enters every guard of the segment. When all admit, returns the call's record without
+   * running anything: the caller runs the function with `inner` and reports how it ended
+   * with `finish()` (no promise involved), and `owner` hears if the timeout passes first.
+   * When a guard cannot decide at once (DEFER), the rest of the segment runs `fn` the
+   * ordinary way and the promise of that comes back instead. A refusal is thrown, after
+   * the guards that had admitted the call heard of it.
+   */
+  begin(call: Call, owner: SegmentOwner, fn?: InternalFunction<unknown>): FusedCall | Promise<unknown>;
+  begin(call: Call, owner: undefined, fn: InternalFunction<unknown>): FusedCall | Promise<unknown>;
+  begin(call: Call, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): FusedCall | Promise<unknown> {
     const policies = this.policies;
     const fused = new FusedCall(this, call);
     let inner = call;
@@ -75,7 +109,7 @@ export class FusedSegment {
       const policy = policies[i]!;
       if (i === this.timeoutAt) {
         // The segment's own record is the call the guards inside the timeout see.
-        fused.timed((policy as DeadlineGuard)[deadline](inner, fused));
+        fused.time(policy as DeadlineGuard);
         inner = fused;
         fused.entered = i + 1;
         continue;
@@ -86,34 +120,46 @@ export class FusedSegment {
       } catch (error) {
         // Refused: the guards outside it hear of the refusal as the call's outcome.
         fused.finish(error, true);
-        return Promise.reject(error);
+        throw error;
       }
-      if (token === DEFER) return fused.answer(runNested(policies, i, fn, inner)) as Promise<T>;
+      if (token === DEFER) return fused.answer(runNested(policies, i, fn ?? ((deferred: Call) => owner!.runDeferred(deferred)), inner));
       fused.setToken(i, token);
       fused.entered = i + 1;
     }
-    let result: T | PromiseLike<T>;
-    try {
-      result = fn(inner);
-    } catch (error) {
-      return fused.answer(Promise.reject(error)) as Promise<T>;
-    }
-    return fused.answer(result) as Promise<T>;
+    // Only now: a call that went the ordinary way above answers its caller through the promise.
+    fused.owner = owner;
+    return fused;
   }
 }
 
+/** What drives a call started with `FusedSegment.begin` without promises. */
+export interface SegmentOwner {
+  /** The timeout passed before the call ended. */
+  expired(error: unknown): void;
+  /** A guard could not admit the call at once: the call's function, for the ordinary path. */
+  runDeferred(call: Call): Promise<unknown>;
+}
+
 /**
- * One call through a fused segment. It is also the call that the guards and the function
- * inside the timeout see (with the timeout's scope), one object instead of two.
+ * One call through a fused segment. With a timeout in the segment it is also the call that
+ * the guards and the function inside the timeout see, and the timeout's deadline-queue
+ * entry: one object per call instead of three. Its cancellation scope (a child of the
+ * caller's) is made only when something asks for it, which most calls never do.
  */
-class FusedCall extends Call implements DeadlineOwner {
+export class FusedCall extends Call implements TimedCall {
   entered = 0;
+  /** Hears of the timeout instead of the promise of `answer()`, when the caller drives the call itself. */
+  owner: SegmentOwner | undefined = undefined;
+  deadline = 0;
+  queued = false;
   // The guards' tokens: three fields cover the usual pipeline without an array per call.
   private token0: unknown = undefined;
   private token1: unknown = undefined;
   private token2: unknown = undefined;
   private moreTokens: unknown[] | undefined = undefined;
-  private deadlineScope: TimedScope | undefined = undefined;
+  private timer: DeadlineGuard | undefined = undefined;
+  /** The timeout's error, once the deadline passed. */
+  private timeoutError: unknown = undefined;
   private done = false;
   private resolve: ((value: unknown) => void) | undefined = undefined;
   private reject: ((error: unknown) => void) | undefined = undefined;
@@ -122,12 +168,49 @@ class FusedCall extends Call implements DeadlineOwner {
     private readonly segment: FusedSegment,
     private readonly outer: Call,
   ) {
-    super(outer.scope, outer.attempt, undefined);
+    super(undefined, outer.attempt, undefined);
+  }
+
+  /** The call the function runs with: this one inside a timeout, else the caller's. */
+  get inner(): Call {
+    return this.timer === undefined ? this.outer : this;
   }
 
   /** One context for the whole call, even when the caller gave none and it is made late. */
   override get context(): CallContext {
     return this.outer.context;
+  }
+
+  /** The timeout's child scope of the caller's, made on first read. */
+  override get scope(): Scope {
+    return (this.cancellation ??= this.openScope());
+  }
+
+  override get signal(): AbortSignal {
+    return this.scope.signal;
+  }
+
+  override withAttempt(attempt: number): Call {
+    return new Call(this.scope, attempt, this.context);
+  }
+
+  override get aborted(): boolean {
+    const scope = this.cancellation;
+    if (scope !== undefined) return scope.aborted;
+    return this.timeoutError !== undefined || this.outer.aborted;
+  }
+
+  override get abortReason(): unknown {
+    const scope = this.cancellation;
+    if (scope !== undefined) return scope.reason;
+    return this.timeoutError ?? this.outer.abortReason;
+  }
+
+  private openScope(): Scope {
+    // Asked for after the call ended in time: nothing will abort it any more.
+    const scope = new Scope(this.done && this.timeoutError === undefined ? undefined : this.outer.scope);
+    if (this.timeoutError !== undefined) scope.abort(this.timeoutError);
+    return scope;
   }
 
   setToken(index: number, token: unknown): void {
@@ -144,29 +227,34 @@ class FusedCall extends Call implements DeadlineOwner {
     return this.moreTokens?.[index - 3];
   }
 
-  timed(scope: TimedScope): void {
-    this.deadlineScope = scope;
-    this.cancellation = scope;
+  time(guard: DeadlineGuard): void {
+    this.timer = guard;
+    guard[deadline](this);
   }
 
   /** Hands back the caller's promise for `result`, and arranges for the guards to hear how it ends. */
   answer(result: unknown): Promise<unknown> {
     const promise = Promise.resolve(result);
-    if (this.deadlineScope === undefined) {
+    if (this.timer === undefined) {
       // Without a timeout nothing can settle the call early: the caller gets the
       // function's own promise, and the guards hear of it first (their reaction is
       // registered before the caller's `await`).
-      if (this.entered > 0) promise.then(this.succeeded, this.failed);
+      if (this.entered > 0) {
+        promise.then(
+          (value) => this.settle(value, false),
+          (error: unknown) => this.settle(error, true),
+        );
+      }
       return promise;
     }
     capturing = this;
     const answer = new Promise(capture);
-    promise.then(this.succeeded, this.failed);
+    promise.then(
+      (value) => this.settle(value, false),
+      (error: unknown) => this.settle(error, true),
+    );
     return answer;
   }
-
-  private readonly succeeded = (value: unknown): void => this.settle(value, false);
-  private readonly failed = (error: unknown): void => this.settle(error, true);
 
   private settle(outcome: unknown, failed: boolean): void {
     if (this.done) return;
@@ -177,20 +265,36 @@ class FusedCall extends Call implements DeadlineOwner {
     }
   }
 
-  /** Tells every guard that entered how the call ended, innermost first. */
+  /**
+   * Tells every guard that entered how the call ended, innermost first. Once only: a call
+   * that ran out of time was already reported.
+   */
   finish(outcome: unknown, failed: boolean): void {
     if (this.done) return;
     this.done = true;
-    const scope = this.deadlineScope;
-    if (scope !== undefined && !scope.close(outcome, failed)) return;
+    const timer = this.timer;
+    if (timer !== undefined && !timer.finish(this, outcome, failed)) return;
     this.leaveAll(outcome, failed);
   }
 
-  expired(error: unknown): void {
+  dispose(): void {
+    this.cancellation?.dispose();
+  }
+
+  timedOut(error: unknown): void {
+    this.timeoutError = error;
+    const scope = this.cancellation;
+    if (scope !== undefined) {
+      // Abort first: whatever listens on the signal stops before the caller hears of it.
+      // Aborting also unlinks the scope from its parent.
+      scope.abort(error);
+      scope.dispose();
+    }
     if (this.done) return;
     this.done = true;
     this.leaveAll(error, true);
-    this.reject?.(error);
+    if (this.owner !== undefined) this.owner.expired(error);
+    else this.reject?.(error);
   }
 
   private leaveAll(outcome: unknown, failed: boolean): void {

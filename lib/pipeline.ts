@@ -1,4 +1,4 @@
-import { compile, FusedSegment, runNested } from './fused.js';
+import { compile, FusedSegment, isDeadline, isFusable, runNested } from './fused.js';
 import { BasePolicy, defaultName, run, runPolicy, type Call, type InternalFunction, type Policy } from './policy.js';
 
 export interface PipelineStats {
@@ -52,6 +52,15 @@ export class Pipeline extends BasePolicy<PipelineStats> {
     return this.policies;
   }
 
+  /** @internal The single fused segment this pipeline runs as; null when it is empty, undefined when it is more than one segment. */
+  get segment(): FusedSegment | null | undefined {
+    const parts = this.parts;
+    if (parts.length === 0) return null;
+    if (parts.length > 1) return undefined;
+    const only = parts[0]!;
+    return only instanceof FusedSegment ? only : soleSegment(only);
+  }
+
   stats(): PipelineStats {
     return { policies: this.policies.length };
   }
@@ -62,6 +71,21 @@ function runParts<T>(parts: ReadonlyArray<FusedSegment | Policy>, index: number,
   if (part === undefined) return runNested([], 0, fn, call);
   const next: InternalFunction<T> = index === parts.length - 1 ? fn : (inner) => runParts(parts, index + 1, fn, inner);
   return part instanceof FusedSegment ? part.run(next, call) : runPolicy(part, next, call);
+}
+
+/**
+ * The fused segment `policy` runs as, for callers that drive a segment without promises
+ * (the HTTP exchange): null when there is nothing to run through, undefined when `policy`
+ * is not one segment.
+ */
+export function fusedSegmentOf(policy: Policy): FusedSegment | null | undefined {
+  return policy instanceof Pipeline ? policy.segment : soleSegment(policy);
+}
+
+function soleSegment(policy: Policy): FusedSegment | undefined {
+  if (isDeadline(policy)) return new FusedSegment([policy], 0);
+  if (isFusable(policy)) return new FusedSegment([policy], -1);
+  return undefined;
 }
 
 /** Every policy inside `policy` (itself included), depth first. */

@@ -115,6 +115,17 @@ export class Call implements ExecuteContext {
     return (this.cancellation ??= new Scope()).signal;
   }
 
+  /** Whether the call was cancelled. Unlike reading `scope`, never makes a scope to find out. */
+  get aborted(): boolean {
+    const scope = this.cancellation;
+    return scope !== undefined && scope.aborted;
+  }
+
+  /** Why the call was cancelled; undefined while it was not. */
+  get abortReason(): unknown {
+    return this.cancellation?.reason;
+  }
+
   /** Same attempt and context, another scope (a timeout's child scope, say). */
   withScope(scope: Scope): Call {
     return new Call(scope, this.attempt, this.context);

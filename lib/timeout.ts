@@ -1,7 +1,7 @@
 import { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
-import { DeadlineQueue, type DeadlineEntry } from './deadline-queue.js';
-import { deadline, type DeadlineOwner, type TimedScope } from './fused.js';
+import { DeadlineQueue } from './deadline-queue.js';
+import { deadline, type TimedCall } from './fused.js';
 import { TimeoutError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
 import { clockOption, duration, knownKeys, name as nameOption, optionsObject } from './validate.js';
@@ -56,7 +56,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
   readonly kind = 'timeout';
   readonly ms: number;
   private readonly clock: Clock;
-  private readonly deadlines: DeadlineQueue<PendingCall>;
+  private readonly deadlines: DeadlineQueue<TimedCall>;
   private calls = 0;
   private timedOut = 0;
 
@@ -66,7 +66,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     super(nameOption('timeout', o.name) ?? defaultName('timeout'));
     this.ms = duration('timeout', 'ms', ms);
     this.clock = clockOption('timeout', o.clock) ?? systemClock;
-    this.deadlines = new DeadlineQueue<PendingCall>(this.ms, this.clock, (pending) => this.expire(pending));
+    this.deadlines = new DeadlineQueue<TimedCall>(this.ms, this.clock, (entry) => this.expire(entry));
   }
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
@@ -97,14 +97,10 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     return { timeoutMs: this.ms, pending: this.deadlines.size, calls: this.calls, timedOut: this.timedOut };
   }
 
-  /** A fused pipeline segment times a call: it gets the child scope and hears of expiry. */
-  [deadline](call: Call, owner: DeadlineOwner): TimedScope {
+  /** A fused pipeline segment times a call; it ends the deadline with `finish`, or hears of expiry. */
+  [deadline](entry: TimedCall): void {
     this.calls++;
-    const pending = new PendingCall(call.scope);
-    pending.policy = this;
-    pending.owner = owner;
-    this.deadlines.push(pending, this.timed());
-    return pending;
+    this.deadlines.push(entry, this.timed());
   }
 
   /** The function settled, one way or the other; ignored once the deadline has passed. */
@@ -115,18 +111,18 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
   }
 
   /** @internal Ends the deadline of a call that settled; false when the deadline came first. */
-  finish(pending: PendingCall, outcome: unknown, failed: boolean): boolean {
+  finish(entry: TimedCall, outcome: unknown, failed: boolean): boolean {
     // Out of the queue already: the deadline came first, and the caller has its answer.
-    if (!this.deadlines.delete(pending)) return false;
+    if (!this.deadlines.delete(entry)) return false;
     // Unlinks from the caller's scope or signal, so a long-lived caller signal does not
     // collect one listener per call.
-    pending.dispose();
+    entry.dispose();
     const events = this.events;
     if (events !== undefined) {
       if (!failed) {
-        if (events.has('success')) events.emit('success', { durationMs: this.elapsed(pending) });
+        if (events.has('success')) events.emit('success', { durationMs: this.elapsed(entry) });
       } else if (events.has('failure')) {
-        events.emit('failure', { error: outcome, durationMs: this.elapsed(pending) });
+        events.emit('failure', { error: outcome, durationMs: this.elapsed(entry) });
       }
     }
     return true;
@@ -138,20 +134,15 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     return events !== undefined && (events.has('success') || events.has('failure'));
   }
 
-  private elapsed(pending: PendingCall): number {
-    return this.clock.now() - (pending.deadline - this.ms);
+  private elapsed(entry: TimedCall): number {
+    return this.clock.now() - (entry.deadline - this.ms);
   }
 
-  /** The deadline passed; the queue has taken `pending` out, so a later settle is ignored. */
-  private expire(pending: PendingCall): void {
+  /** The deadline passed; the queue has taken `entry` out, so a later settle is ignored. */
+  private expire(entry: TimedCall): void {
     this.timedOut++;
     const error = withoutStack(() => new TimeoutError(this.ms, this.name));
-    // Abort first: inner guards (a queued bulkhead place, a retry's sleep) let go before
-    // the caller hears of it. Aborting also unlinks the scope from its parent.
-    pending.abort(error);
-    pending.dispose();
-    if (pending.owner !== undefined) pending.owner.expired(error);
-    else pending.reject(error);
+    entry.timedOut(error);
     if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'timeout', error });
   }
 }
@@ -160,18 +151,19 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
  * One call in flight. It is the call's child scope (one allocation instead of two), its
  * deadline-queue entry, and holds the settle functions of the promise the caller awaits.
  */
-class PendingCall extends Scope implements DeadlineEntry, TimedScope {
+class PendingCall extends Scope implements TimedCall {
   deadline = 0;
   /** In the deadline queue: neither settled nor expired yet. */
   queued = false;
   resolve!: (value: unknown) => void;
   reject!: (error: unknown) => void;
-  /** Set when a fused pipeline segment owns the call's promise. */
-  policy: Timeout | undefined;
-  owner: DeadlineOwner | undefined;
 
-  close(outcome: unknown, failed: boolean): boolean {
-    return this.policy!.finish(this, outcome, failed);
+  timedOut(error: TimeoutError): void {
+    // Abort first: inner guards (a queued bulkhead place, a retry's sleep) let go before
+    // the caller hears of it. Aborting also unlinks the scope from its parent.
+    this.abort(error);
+    this.dispose();
+    this.reject(error);
   }
 }
 

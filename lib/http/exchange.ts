@@ -11,6 +11,7 @@
 import { EventEmitter } from 'node:events';
 import { Scope } from '../cancellation.js';
 import { ClientDisconnectedError, isGuardRejection, withoutStack, type GuardRejection } from '../errors.js';
+import { FusedCall, type SegmentOwner } from '../fused.js';
 import { Call, runPolicy, type CallContext } from '../policy.js';
 import { degradedAnswer, rateLimitHeaders, type AnswerReason, type HttpAnswer } from './answers.js';
 import type { HeaderReader, HttpRequest } from './cache.js';
@@ -161,7 +162,7 @@ type Phase = typeof WAITING | typeof RUNNING | typeof FAILED | typeof COMMITTED 
  * exchange.run(() => next());           // the handler runs when the policy admits it
  * // the adapter reports: exchange.fail(error), exchange.respond(status), exchange.offer(…)
  */
-export class Exchange {
+export class Exchange implements SegmentOwner {
   /** Root of the request's cancellation: aborted when the client goes away. */
   readonly scope = new Scope();
   private callContext: CallContext = EMPTY_CONTEXT;
@@ -171,6 +172,14 @@ export class Exchange {
   private call: Call | undefined = undefined;
   private phase: Phase = WAITING;
   private starter: (() => void) | undefined = undefined;
+  /**
+   * Driving a fused segment without promises: the handler's end goes to the segment's
+   * record (`finish`) instead of settling a promise. `handled` is the record (null when the
+   * route has no guard to tell), undefined in the promise path.
+   */
+  private handled: FusedCall | null | undefined = undefined;
+  /** Direct path: the policy's part of the call is over (ended, or ran out of time). */
+  private policyDone = false;
   private resolveRun: ((value: typeof DONE) => void) | undefined = undefined;
   private rejectRun: ((error: unknown) => void) | undefined = undefined;
   /** The handler's failure (what it threw, or a `FailedResponseError`). */
@@ -255,13 +264,38 @@ export class Exchange {
     const context: CallContext = this.guard.exposesRequest ? { request: this.request } : {};
     this.callContext = context;
     listenClose(this.target.raw, this.onClose);
+    const call = new Call(this.scope, 1, context);
+    const segment = this.guard.segment;
     let outcome: Promise<unknown>;
     try {
-      outcome = runPolicy(this.guard.policy, this.runHandler, new Call(this.scope, 1, context));
+      if (segment === null) {
+        this.startDirect(null, call);
+        return;
+      }
+      if (segment !== undefined) {
+        const started = segment.begin(call, this);
+        if (started instanceof FusedCall) {
+          this.startDirect(started, started.inner);
+          return;
+        }
+        outcome = started;
+      } else {
+        outcome = runPolicy(this.guard.policy, (admitted) => this.runDeferred(admitted), call);
+      }
     } catch (error) {
       outcome = Promise.reject(error);
     }
-    outcome.then(this.onResolved, this.onRejected);
+    outcome.then(
+      (value) => this.onResolved(value),
+      (error: unknown) => this.onRejected(error),
+    );
+  }
+
+  /** The timeout of the fused segment passed before the handler's part ended. */
+  expired(error: unknown): void {
+    if (this.handled === undefined) return; // the promise path hears of it from its promise
+    this.policyDone = true;
+    this.policySettled(true, error);
   }
 
   /**
@@ -341,24 +375,55 @@ export class Exchange {
     return this.phase === COMMITTED || this.phase === RELEASED || (this.phase === RUNNING && this.target.raw.headersSent);
   }
 
-  private readonly runHandler = (call: Call): Promise<typeof DONE> => {
+  /** Runs the handler for a policy that admitted the call in its own time; settles when the handler's part ends. */
+  runDeferred(call: Call): Promise<typeof DONE> {
     if (this.phase !== WAITING) return Promise.reject(new TypeError('bulwark: a route handler cannot run twice'));
     if (this.clientGone) return Promise.reject(this.scope.reason);
+    capturing = this;
+    const settled = new Promise<typeof DONE>(Exchange.captureRun);
+    this.startHandler(call);
+    return settled;
+  }
+
+  /** The policy admitted the call at once: the handler runs, and its end goes to `handled`. */
+  private startDirect(handled: FusedCall | null, call: Call): void {
+    this.handled = handled;
+    this.startHandler(call);
+  }
+
+  private startHandler(call: Call): void {
     this.call = call;
     if (this.signalRead) this.watchCall();
     const rateLimit = this.callContext.rateLimit;
     if (rateLimit !== undefined) this.target.setHeaders(rateLimitHeaders(rateLimit));
     this.phase = RUNNING;
-    capturing = this;
-    const settled = new Promise<typeof DONE>(Exchange.captureRun);
     try {
       if (this.starter !== undefined) this.starter();
       else this.target.start!();
     } catch (error) {
       this.fail(error);
     }
-    return settled;
-  };
+  }
+
+  /** The handler's part of the call is still open (its outcome not yet handed to the policy). */
+  private get handlerOpen(): boolean {
+    return this.handled === undefined ? this.rejectRun !== undefined : this.phase !== WAITING && !this.policyDone;
+  }
+
+  /**
+   * Direct path: the policy's part ended (`rejected` with `outcome`). The common case, a
+   * handler whose answer stands, is settled here and now; anything that needs the guard
+   * to answer waits for a microtask, as it would behind a promise, so that an adapter
+   * reporting from inside the handler's write finishes that write first.
+   */
+  private policySettled(rejected: boolean, outcome: unknown): void {
+    if (!rejected && (this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone) {
+      this.markDecided();
+      return;
+    }
+    // A promise rather than queueMicrotask, which fake timers (sinon's) take over.
+    void RESOLVED.then(() => this.conclude(rejected, outcome));
+  }
 
   /**
    * A guard's own scope (a timeout's): when it aborts, the guard answers in place of the
@@ -375,15 +440,30 @@ export class Exchange {
   }
 
   private resolveHandler(): void {
+    if (this.handled !== undefined) {
+      this.endDirect(DONE, false);
+      return;
+    }
     const resolve = this.resolveRun;
     this.resolveRun = this.rejectRun = undefined;
     resolve?.(DONE);
   }
 
   private rejectHandler(error: unknown): void {
+    if (this.handled !== undefined) {
+      this.endDirect(error, true);
+      return;
+    }
     const reject = this.rejectRun;
     this.resolveRun = this.rejectRun = undefined;
     reject?.(error);
+  }
+
+  private endDirect(outcome: unknown, failed: boolean): void {
+    if (this.policyDone) return;
+    this.policyDone = true;
+    this.handled?.finish(outcome, failed);
+    this.policySettled(failed, outcome);
   }
 
   private onCallAbort(reason: unknown): void {
@@ -415,26 +495,26 @@ export class Exchange {
       return;
     }
     this.markDecided();
-    if (this.rejectRun === undefined) return;
+    if (!this.handlerOpen) return;
     // The response is over: the handler's part of the call ends here (a streamed answer
     // held its permit until now).
-    const scope = this.call?.scope;
-    if (scope !== undefined && scope.aborted) this.rejectHandler(scope.reason);
+    const call = this.call;
+    if (call !== undefined && call.aborted) this.rejectHandler(call.abortReason);
     else if (this.failure !== undefined && this.failureCounts) this.rejectHandler(this.failure);
     else if (this.failedStatus !== 0) this.rejectHandler(withoutStack(() => new FailedResponseError(this.failedStatus)));
     else if (this.phase === RUNNING && this.guard.failed(raw.statusCode, undefined)) this.rejectHandler(withoutStack(() => new FailedResponseError(raw.statusCode)));
     else this.resolveHandler();
   };
 
-  private readonly onResolved = (value: unknown): void => {
+  private onResolved(value: unknown): void {
     // The common case: the handler answered and its answer stands; nothing is left to do.
     if ((this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone) this.markDecided();
     else void this.conclude(false, value);
-  };
+  }
 
-  private readonly onRejected = (error: unknown): void => {
+  private onRejected(error: unknown): void {
     void this.conclude(true, error);
-  };
+  }
 
   /** The policy settled: decide what the client gets, unless the handler's answer stands. */
   private async conclude(rejected: boolean, outcome: unknown): Promise<void> {
@@ -588,6 +668,8 @@ function listenClose(raw: RawResponse, listener: () => void): void {
   if (raw instanceof EventEmitter) on.call(raw, 'close', listener);
   else raw.on('close', listener);
 }
+
+const RESOLVED = Promise.resolve();
 
 /** The context of an exchange that has not run (never handed to a policy). */
 const EMPTY_CONTEXT: CallContext = Object.freeze({});

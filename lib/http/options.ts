@@ -2,7 +2,8 @@
 // request of the route shares.
 
 import type { GuardRejection } from '../errors.js';
-import { walk } from '../pipeline.js';
+import type { FusedSegment } from '../fused.js';
+import { fusedSegmentOf, walk } from '../pipeline.js';
 import { BasePolicy, type Policy, type PolicyKind } from '../policy.js';
 import { duration, fail, func, knownKeys, positiveInteger } from '../validate.js';
 import { customRejectionAnswer, rejectionAnswer, type AnswerReason, type HttpAnswer, type RejectResponse } from './answers.js';
@@ -88,6 +89,11 @@ export class HttpGuard {
    * described only if `fallback`, `onReject` or the cache ask for it.
    */
   readonly exposesRequest: boolean;
+  /**
+   * The policy as one fused segment, which the exchange drives without promises; null for
+   * an empty pipeline, undefined when the policy is not one segment.
+   */
+  readonly segment: FusedSegment | null | undefined;
   private readonly fallback: Fallback | undefined;
   private readonly isFailureFn: ((status: number, error: unknown) => boolean) | undefined;
   private readonly onReject: GuardOptions['onReject'];
@@ -122,6 +128,7 @@ export class HttpGuard {
     // A `fallback()` inside the policy may answer for a failed handler too: hold failures for it.
     this.degradable = this.hasFallback || this.cache !== undefined || innerFallback;
     this.exposesRequest = exposesRequest;
+    this.segment = fusedSegmentOf(policy);
   }
 
   /** Whether an answer with `status` (and the error thrown, if any) counts as a failure. */
