@@ -20,7 +20,7 @@ import Koa from 'koa';
 import CircuitBreaker from 'opossum';
 
 export type Framework = 'express' | 'koa' | 'fastify';
-export type Variant = 'bare' | 'bulwark' | 'bulwark-empty' | 'cockatiel' | 'opossum' | 'under-pressure' | 'express-rate-limit' | 'bulwark-rate-limit';
+export type Variant = 'bare' | 'bulwark' | 'bulwark-empty' | 'noop-middleware' | 'cockatiel' | 'opossum' | 'under-pressure' | 'express-rate-limit' | 'bulwark-rate-limit';
 
 const framework = process.argv[2] as Framework;
 const variant = process.argv[3] as Variant;
@@ -58,6 +58,9 @@ async function expressServer(): Promise<http.Server> {
     case 'bulwark-empty':
       app.get('/', expressGuard(pipeline()), handler);
       break;
+    case 'noop-middleware':
+      app.get('/', (_req, _res, next) => next(), handler);
+      break;
     case 'cockatiel': {
       const policy = cockatielPolicy();
       app.get('/', (req, res, next) => {
@@ -92,6 +95,9 @@ async function koaServer(): Promise<http.Server> {
       break;
     case 'bulwark-empty':
       router.get('/', koaGuard(pipeline()), handler);
+      break;
+    case 'noop-middleware':
+      router.get('/', (_ctx, next) => next(), handler);
       break;
     case 'cockatiel': {
       const policy = cockatielPolicy();

@@ -6,7 +6,8 @@
 // measured by the server itself over the run: unlike req/s it does not depend on how much
 // CPU the machine had left. Run `npm run build`, then `npm run bench:http`.
 // Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), ONLY (frameworks,
-// comma-separated), DETAIL=1 (adds each adapter with an empty pipeline: its own cost, without guards).
+// comma-separated), DETAIL=1 (adds each adapter with an empty pipeline, its own cost without guards,
+// and for Express and Koa a middleware that only calls next(): what any route middleware costs).
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { once, type EventEmitter } from 'node:events';
 import { cpus, loadavg } from 'node:os';
@@ -35,12 +36,14 @@ const allCases: Case[] = [
   { framework: 'express', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
+  { framework: 'express', variant: 'noop-middleware', label: 'a middleware that only calls next() (what any route middleware costs)', baseline: 'bare', detail: true },
   { framework: 'express', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'express', variant: 'express-rate-limit', label: 'express-rate-limit', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark-rate-limit', label: 'bulwark rateLimit', baseline: 'bare' },
   { framework: 'koa', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'koa', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'koa', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
+  { framework: 'koa', variant: 'noop-middleware', label: 'a middleware that only calls next() (what any route middleware costs)', baseline: 'bare', detail: true },
   { framework: 'koa', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },
   { framework: 'fastify', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'fastify', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },

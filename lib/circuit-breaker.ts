@@ -1,7 +1,7 @@
 import type { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { CircuitOpenError, isClientDisconnected, isGuardRejection, withoutStack } from './errors.js';
-import { DEFER, enter, leave } from './fused.js';
+import { DEFER, enter, leave, refuse } from './fused.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
 import type { BreakerLink, BreakerStore, SharedBreakerState } from './stores/types.js';
 import { clockOption, duration, fail, func, knownKeys, name as validName, oneOf, optionsObject, percentage, positiveInteger } from './validate.js';
@@ -289,6 +289,14 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
   [enter](call: Call): unknown {
     this.ensureAttached();
     const state = this.current;
+    if (state.state === 'open') {
+      // Refusing is synchronous too (no rejected promise); a breaker whose open
+      // time ran out goes through `[run]`, which coordinates the probes.
+      const now = this.clock.now();
+      const refreshed = this.refresh(now);
+      if (refreshed.state === 'open') return refuse(this.rejection(refreshed, now));
+      return DEFER;
+    }
     if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.listening()) return DEFER;
     if (call.aborted) return DEFER;
     this.admittedCall();

@@ -6,6 +6,14 @@ export type RejectionReason = 'circuit_open' | 'bulkhead_full' | 'timeout' | 'ra
 const BRAND = Symbol.for('bulwark.GuardRejection');
 const DISCONNECT_BRAND = Symbol.for('bulwark.ClientDisconnectedError');
 
+const CODES: Readonly<Record<RejectionReason, string>> = {
+  circuit_open: 'BULWARK_CIRCUIT_OPEN',
+  bulkhead_full: 'BULWARK_BULKHEAD_FULL',
+  timeout: 'BULWARK_TIMEOUT',
+  rate_limited: 'BULWARK_RATE_LIMITED',
+  overloaded: 'BULWARK_OVERLOADED',
+};
+
 /**
  * Base class of every error a guard raises instead of running (or finishing) a call.
  *
@@ -30,7 +38,7 @@ export class GuardRejection extends Error {
     this.reason = reason;
     this.status = status;
     this.retryAfterMs = retryAfterMs;
-    this.code = `BULWARK_${reason.toUpperCase()}`;
+    this.code = CODES[reason];
     this.policy = policy;
   }
 

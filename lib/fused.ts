@@ -14,6 +14,24 @@ import { Call, runPolicy, type CallContext, type InternalFunction, type Policy }
 /** `[enter]` answers this when the guard needs its full `[run]` path for this call. */
 export const DEFER: unique symbol = Symbol('bulwark.defer');
 
+/** `[enter]` answers this (through `refuse`) to refuse the call. */
+export const REFUSED: unique symbol = Symbol('bulwark.refused');
+
+// Refusing by answering rather than throwing: a thrown error costs V8 a message with a
+// source position (~2 µs a refusal on a route, measured), a returned one nothing.
+let refusal: unknown;
+
+/** What `[enter]` returns to refuse the call with `error`. */
+export function refuse(error: unknown): typeof REFUSED {
+  refusal = error;
+  return REFUSED;
+}
+
+/** A call the segment's guards refused: the rejection, for the caller to answer with. */
+export class Refusal {
+  constructor(readonly error: unknown) {}
+}
+
 export const enter: unique symbol = Symbol('bulwark.enter');
 export const leave: unique symbol = Symbol('bulwark.leave');
 export const deadline: unique symbol = Symbol('bulwark.deadline');
@@ -21,8 +39,8 @@ export const deadline: unique symbol = Symbol('bulwark.deadline');
 /** A guard that can admit synchronously and be told the outcome afterwards. */
 export interface FusableGuard extends Policy {
   /**
-   * Admits the call (returns a token for `[leave]`), refuses it (throws its rejection), or
-   * returns `DEFER` to have this call go through `[run]`.
+   * Admits the call (returns a token for `[leave]`), refuses it (returns `refuse(rejection)`),
+   * or returns `DEFER` to have this call go through `[run]`.
    */
   [enter](call: Call): unknown;
   /** The admitted call ended; called exactly once per admitting `[enter]`. */
@@ -75,12 +93,8 @@ export class FusedSegment {
   ) {}
 
   run<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    let started: FusedCall | Promise<unknown>;
-    try {
-      started = this.begin(call, undefined, fn as InternalFunction<unknown>);
-    } catch (error) {
-      return Promise.reject(error);
-    }
+    const started = this.begin(call, undefined, fn as InternalFunction<unknown>);
+    if (started instanceof Refusal) return Promise.reject(started.error);
     if (!(started instanceof FusedCall)) return started as Promise<T>;
     let result: T | PromiseLike<T>;
     try {
@@ -96,12 +110,12 @@ export class FusedSegment {
    * running anything: the caller runs the function with `inner` and reports how it ended
    * with `finish()` (no promise involved), and `owner` hears if the timeout passes first.
    * When a guard cannot decide at once (DEFER), the rest of the segment runs `fn` the
-   * ordinary way and the promise of that comes back instead. A refusal is thrown, after
-   * the guards that had admitted the call heard of it.
+   * ordinary way and the promise of that comes back instead. A refusal comes back as a
+   * `Refusal`, after the guards that had admitted the call heard of it.
    */
-  begin(call: Call, owner: SegmentOwner, fn?: InternalFunction<unknown>): FusedCall | Promise<unknown>;
-  begin(call: Call, owner: undefined, fn: InternalFunction<unknown>): FusedCall | Promise<unknown>;
-  begin(call: Call, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): FusedCall | Promise<unknown> {
+  begin(call: Call, owner: SegmentOwner, fn?: InternalFunction<unknown>): FusedCall | Promise<unknown> | Refusal;
+  begin(call: Call, owner: undefined, fn: InternalFunction<unknown>): FusedCall | Promise<unknown> | Refusal;
+  begin(call: Call, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): FusedCall | Promise<unknown> | Refusal {
     const policies = this.policies;
     const fused = new FusedCall(this, call);
     let inner = call;
@@ -118,9 +132,16 @@ export class FusedSegment {
       try {
         token = (policy as FusableGuard)[enter](inner);
       } catch (error) {
-        // Refused: the guards outside it hear of the refusal as the call's outcome.
+        // A guard that failed to decide (a key function that threw): the call fails with it.
         fused.finish(error, true);
-        throw error;
+        return new Refusal(error);
+      }
+      if (token === REFUSED) {
+        const error = refusal;
+        refusal = undefined;
+        // The guards outside it hear of the refusal as the call's outcome.
+        fused.finish(error, true);
+        return new Refusal(error);
       }
       if (token === DEFER) return fused.answer(runNested(policies, i, fn ?? ((deferred: Call) => owner!.runDeferred(deferred)), inner));
       fused.setToken(i, token);

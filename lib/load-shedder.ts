@@ -1,5 +1,6 @@
 import { systemClock, type Clock } from './clock.js';
 import { OverloadError, withoutStack } from './errors.js';
+import { DEFER, enter, leave, refuse } from './fused.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction } from './policy.js';
 import { PressureSampler, sharedSampler, type PressureSample, type PressureSubscription } from './pressure-sampler.js';
 import { clockOption, duration, fail, finiteNumber, knownKeys, name as checkName, optionsObject } from './validate.js';
@@ -98,24 +99,43 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
   }
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const subscription = this.subscription;
-    if (subscription !== undefined && subscription.active) subscription.used = true;
-    else this.subscription = this.sampler.subscribe(this.sampleIntervalMs);
-
-    if (this.isOver(this.sampler.latest) || this.cutsTurn()) {
-      this.rejected++;
-      const error = withoutStack(() => new OverloadError(this.name, this.retryAfterMs));
-      if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'overloaded', error });
-      return Promise.reject(error);
-    }
-    this.admitted++;
-    this.admittedCall();
+    if (!this.admit()) return Promise.reject(this.refuse());
     if (this.events?.has('success') || this.events?.has('failure')) return this.observe(fn, call);
     try {
       return Promise.resolve(fn(call)) as Promise<T>;
     } catch (error) {
       return Promise.reject(error);
     }
+  }
+
+  /**
+   * Fused pipelines (and HTTP routes): the decision is synchronous, so a refusal is thrown
+   * here rather than carried by a rejected promise; outcomes are heard only by listeners.
+   */
+  [enter](_call: Call): unknown {
+    if (this.events?.has('success') || this.events?.has('failure')) return DEFER;
+    if (!this.admit()) return refuse(this.refuse());
+    return undefined;
+  }
+
+  [leave](): void {}
+
+  /** Samples (keeping the shared sampler subscribed) and decides; counts an admission. */
+  private admit(): boolean {
+    const subscription = this.subscription;
+    if (subscription !== undefined && subscription.active) subscription.used = true;
+    else this.subscription = this.sampler.subscribe(this.sampleIntervalMs);
+    if (this.isOver(this.sampler.latest) || this.cutsTurn()) return false;
+    this.admitted++;
+    this.admittedCall();
+    return true;
+  }
+
+  private refuse(): OverloadError {
+    this.rejected++;
+    const error = withoutStack(() => new OverloadError(this.name, this.retryAfterMs));
+    if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'overloaded', error });
+    return error;
   }
 
   stats(): LoadShedderStats {

@@ -3,7 +3,7 @@ import { resolveKey, SHARED_KEY, type KeyFunction } from './keys.js';
 import { systemClock, type Clock } from './clock.js';
 import { RateLimitError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type CallContext, type InternalFunction, type PolicyEvents } from './policy.js';
-import { DEFER, enter, leave } from './fused.js';
+import { DEFER, enter, leave, refuse } from './fused.js';
 import { memoryStore, MemoryStore } from './stores/memory.js';
 import type { RateLimitAlgorithm, RateLimitDecision, RateLimitRule, RateLimitStore } from './stores/types.js';
 import * as validate from './validate.js';
@@ -128,7 +128,7 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
     const key = this.keyOf(call.context);
     const decision = this.store.consume(this.rule, key) as RateLimitDecision;
     record(call.context, decision);
-    if (!decision.allowed) throw this.refuse(decision, key);
+    if (!decision.allowed) return refuse(this.refuse(decision, key));
     this.admitted++;
     this.admittedCall();
     return undefined;

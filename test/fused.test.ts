@@ -2,14 +2,16 @@ import { expect } from 'chai';
 import sinon from 'sinon';
 import { bulkhead } from '../lib/bulkhead.js';
 import { circuitBreaker } from '../lib/circuit-breaker.js';
-import { BulkheadFullError, CircuitOpenError, ClientDisconnectedError, TimeoutError } from '../lib/errors.js';
+import { BulkheadFullError, CircuitOpenError, ClientDisconnectedError, OverloadError, TimeoutError } from '../lib/errors.js';
 import { fallback } from '../lib/fallback.js';
-import { compile, FusedSegment } from '../lib/fused.js';
+import { loadShedder } from '../lib/load-shedder.js';
+import { PressureSampler } from '../lib/pressure-sampler.js';
+import { compile, FusedCall, FusedSegment, Refusal } from '../lib/fused.js';
 import { pipeline } from '../lib/pipeline.js';
 import { rateLimit } from '../lib/rate-limit.js';
 import { retry } from '../lib/retry.js';
 import { RateLimitError } from '../lib/errors.js';
-import type { CallContext } from '../lib/policy.js';
+import { Call, type CallContext } from '../lib/policy.js';
 import { timeout } from '../lib/timeout.js';
 
 // A pipeline runs each run of guards that admit synchronously as one layer. These tests
@@ -172,6 +174,67 @@ describe('fused pipeline segments', () => {
     expect(refused).to.be.instanceOf(RateLimitError);
     expect(b.stats()).to.include({ active: 0, queued: 0 });
     expect(limiter.stats()).to.include({ admitted: 1, rejected: 1 });
+  });
+
+  it('refuses through an open breaker in place, without a rejected promise for a driven call', () => {
+    const b = bulkhead({ limit: 1 });
+    const breaker = circuitBreaker({ openMs: 1000 });
+    breaker.forceOpen();
+    const segment = compile([b, timeout(100), breaker])[0] as FusedSegment;
+    const owner = { expired: sinon.spy(), runDeferred: sinon.spy(async () => 'deferred') };
+    const started = segment.begin(new Call(undefined, 1, undefined), owner);
+    expect(started).to.be.instanceOf(Refusal);
+    expect((started as Refusal).error).to.be.instanceOf(CircuitOpenError);
+    expect(b.stats().active).to.equal(0);
+    expect(breaker.stats().totals.rejections).to.equal(1);
+    expect(owner.runDeferred.called).to.equal(false);
+  });
+
+  it('hands a driven call its record: the function runs when the caller says, the guards hear finish(), the owner hears of the timeout', () => {
+    const b = bulkhead({ limit: 2 });
+    const breaker = circuitBreaker({ consecutiveFailures: 1 });
+    const t = timeout(100);
+    const segment = compile([b, t, breaker])[0] as FusedSegment;
+    const owner = { expired: sinon.spy(), runDeferred: sinon.spy(async () => 'deferred') };
+    const ended = segment.begin(new Call(undefined, 1, undefined), owner) as FusedCall;
+    expect(ended).to.be.instanceOf(FusedCall);
+    expect(ended.inner).to.equal(ended);
+    expect(b.stats().active).to.equal(1);
+    ended.finish('done', false);
+    expect(b.stats().active).to.equal(0);
+    expect(breaker.stats().totals.successes).to.equal(1);
+
+    const hung = segment.begin(new Call(undefined, 1, undefined), owner) as FusedCall;
+    expect(hung.aborted).to.equal(false);
+    clock.tick(100 + 7);
+    expect(owner.expired.calledOnce).to.equal(true);
+    expect(owner.expired.firstCall.args[0]).to.be.instanceOf(TimeoutError);
+    // The scope made after the fact is already aborted with the timeout.
+    expect(hung.signal.aborted).to.equal(true);
+    expect(hung.signal.reason).to.be.instanceOf(TimeoutError);
+    expect(breaker.stats().state).to.equal('open');
+    expect(b.stats().active).to.equal(0);
+    hung.finish('late', false);
+    expect(breaker.stats().totals.successes).to.equal(1);
+  });
+
+  it('fuses a load shedder: admits in place, and refuses in place while it sheds', async () => {
+    const pressure = { eventLoopDelayMs: 0, eventLoopUtilization: 0, heapUsedBytes: 0, rssBytes: 0 };
+    const sampler = new PressureSampler({ probe: { start() {}, read: () => ({ ...pressure }), stop() {} } });
+    try {
+      const b = bulkhead({ limit: 1 });
+      const shedder = loadShedder({ maxHeapUsedBytes: 100, sampleIntervalMs: 10, sampler });
+      expect(compile([b, shedder])).to.have.length(1);
+      const guard = pipeline(b, shedder);
+      expect(await guard.execute(() => 'ok')).to.equal('ok');
+      pressure.heapUsedBytes = 1000;
+      await clock.tickAsync(10);
+      expect(await outcome(guard.execute(() => 'never'))).to.be.instanceOf(OverloadError);
+      expect(b.stats()).to.include({ active: 0, admitted: 2 });
+      expect(shedder.stats()).to.include({ admitted: 1, rejected: 1 });
+    } finally {
+      sampler.stop();
+    }
   });
 
   it('leaves a rate limit on a network store to its own path', async () => {

@@ -59,6 +59,13 @@ describe('http mapping', () => {
       }
     });
 
+    it('escapes a reason that does not come from bulwark, and keeps the body valid JSON', () => {
+      const odd = new CircuitOpenError(1000);
+      Object.defineProperty(odd, 'reason', { value: 'say "hi"\n' });
+      const answer = rejectionAnswer(odd, 503);
+      expect(JSON.parse(answer.body as string)).to.deep.equal({ error: 'Service Unavailable', reason: 'say "hi"\n', retryAfter: 1 });
+    });
+
     it('answers a timeout with timeoutStatus, and adds the RateLimit headers it is given', () => {
       const answer = rejectionAnswer(new TimeoutError(100), 504, { limit: 10, remaining: 3, resetMs: 1500 });
       expect(answer.status).to.equal(504);

@@ -11,9 +11,9 @@
 import { EventEmitter } from 'node:events';
 import { Scope } from '../cancellation.js';
 import { ClientDisconnectedError, isGuardRejection, withoutStack, type GuardRejection } from '../errors.js';
-import { FusedCall, type SegmentOwner } from '../fused.js';
+import { FusedCall, Refusal, type SegmentOwner } from '../fused.js';
 import { Call, runPolicy, type CallContext } from '../policy.js';
-import { degradedAnswer, rateLimitHeaders, type AnswerReason, type HttpAnswer } from './answers.js';
+import { degradedAnswer, rateLimitHeaders, rejectionAnswer, type AnswerReason, type HttpAnswer } from './answers.js';
 import type { HeaderReader, HttpRequest } from './cache.js';
 import { errorStatus, type FallbackContext, type HttpGuard } from './options.js';
 
@@ -278,17 +278,27 @@ export class Exchange implements SegmentOwner {
           this.startDirect(started, started.inner);
           return;
         }
+        if (started instanceof Refusal) {
+          this.refused(started.error);
+          return;
+        }
         outcome = started;
       } else {
         outcome = runPolicy(this.guard.policy, (admitted) => this.runDeferred(admitted), call);
       }
     } catch (error) {
-      outcome = Promise.reject(error);
+      this.refused(error);
+      return;
     }
     outcome.then(
       (value) => this.onResolved(value),
       (error: unknown) => this.onRejected(error),
     );
+  }
+
+  /** The policy refused the call at once: answered after a microtask, as a rejected promise would be. */
+  private refused(error: unknown): void {
+    void RESOLVED.then(() => this.onRejected(error));
   }
 
   /** The timeout of the fused segment passed before the handler's part ended. */
@@ -562,6 +572,11 @@ export class Exchange implements SegmentOwner {
 
   private async answerRejection(rejection: GuardRejection): Promise<void> {
     this.takeOverResponse();
+    if (this.guard.plainRejections) {
+      // Nothing to ask, nothing to await: the default answer, and no request description.
+      this.deliver(rejectionAnswer(rejection, this.guard.timeoutStatus, this.callContext.rateLimit));
+      return;
+    }
     const ctx: FallbackContext = { reason: rejection.reason, error: rejection, request: this.request };
     // Rate limiting is the client's problem, not a degraded service: never replaced.
     const answer = (rejection.reason === 'rate_limited' ? undefined : await this.degrade(ctx)) ?? (await this.guard.rejectionAnswer(ctx, rejection, this.callContext.rateLimit));

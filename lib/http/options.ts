@@ -149,6 +149,11 @@ export class HttpGuard {
     return typeof fallback === 'function' ? await (fallback as (ctx: FallbackContext) => unknown)(ctx) : fallback;
   }
 
+  /** Whether every rejection gets the default answer: no fallback, cache or `onReject` to ask. */
+  get plainRejections(): boolean {
+    return !this.degradable && this.onReject === undefined;
+  }
+
   /** The answer to a rejection nothing degraded: `onReject`'s, else the default. */
   async rejectionAnswer(ctx: FallbackContext, rejection: GuardRejection, rateLimit: Parameters<typeof rejectionAnswer>[2]): Promise<HttpAnswer> {
     const standard = rejectionAnswer(rejection, this.timeoutStatus, rateLimit);
