@@ -382,6 +382,25 @@ describe('Exchange', () => {
     expect(target.sent).to.deep.equal([]);
   });
 
+  it('treats a throw while starting the handler as its failure: the guards that admitted it hear of it', async () => {
+    const gate = bulkhead({ limit: 1 });
+    const limiter = rateLimit({ limit: 10, windowMs: 1000 });
+    const { exchange, target } = exchangeFor(pipeline(gate, limiter));
+    target.setHeaders = () => {
+      throw new Error('header rejected');
+    };
+    let started = false;
+    exchange.run(() => {
+      started = true;
+    });
+    await exchange.decision();
+    await clock.tickAsync(0);
+    expect(started).to.equal(false);
+    expect(gate.active).to.equal(0);
+    expect(target.released).to.have.length(1);
+    expect((target.released[0]![0] as Error).message).to.equal('header rejected');
+  });
+
   it('holds a failing answer when a fallback may replace it, and counts the failure', async () => {
     const breaker = circuitBreaker({ consecutiveFailures: 5 });
     const { exchange, target } = exchangeFor(breaker, { fallback: 'fb' });

@@ -403,11 +403,13 @@ export class Exchange implements SegmentOwner {
 
   private startHandler(call: Call): void {
     this.call = call;
-    if (this.signalRead) this.watchCall();
-    const rateLimit = this.callContext.rateLimit;
-    if (rateLimit !== undefined) this.target.setHeaders(rateLimitHeaders(rateLimit));
     this.phase = RUNNING;
+    // Whatever throws from here on is the handler's failure, so that the guards that
+    // admitted the call always hear how it ended.
     try {
+      if (this.signalRead) this.watchCall();
+      const rateLimit = this.callContext.rateLimit;
+      if (rateLimit !== undefined) this.target.setHeaders(rateLimitHeaders(rateLimit));
       if (this.starter !== undefined) this.starter();
       else this.target.start!();
     } catch (error) {
