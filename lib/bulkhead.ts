@@ -127,8 +127,7 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
   /** Fused pipelines: a free place is taken at once; anything else goes through `[run]`. */
   [enter](call: Call): unknown {
     if (this.running >= this.limit) return DEFER;
-    const events = this.events;
-    if (events !== undefined && (events.has('success') || events.has('failure'))) return DEFER;
+    if (this.hearsOutcomes()) return DEFER;
     if (call.aborted) return DEFER;
     this.running++;
     this.admitted++;
@@ -155,8 +154,7 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
 
   /** Runs `fn` on a place already taken, and gives the place back when it settles. */
   private start<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const events = this.events;
-    if (events !== undefined && (events.has('success') || events.has('failure'))) return this.startMeasured(fn, call);
+    if (this.hearsOutcomes()) return this.startMeasured(fn, call);
     let result: T | PromiseLike<T>;
     try {
       result = fn(call);
@@ -180,14 +178,8 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
   };
 
   private async startMeasured<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const started = this.clock.now();
     try {
-      const value = await fn(call);
-      this.events?.emit('success', { durationMs: this.clock.now() - started });
-      return value;
-    } catch (error) {
-      this.events?.emit('failure', { error, durationMs: this.clock.now() - started });
-      throw error;
+      return await this.runObserved(fn, call, this.clock);
     } finally {
       this.release();
     }

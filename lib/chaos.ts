@@ -1,5 +1,5 @@
 import { withoutStack } from './errors.js';
-import { BasePolicy, defaultName, run, type Call, type InternalFunction, type NormalizedRequest, type PolicyEvents } from './policy.js';
+import { BasePolicy, defaultName, invoke, run, type Call, type InternalFunction, type NormalizedRequest, type PolicyEvents } from './policy.js';
 import { duration, fail, func, knownKeys, name as checkName, optionsObject, rate } from './validate.js';
 
 /** Decides per call whether chaos applies; receives the normalised request (undefined outside a request). */
@@ -229,12 +229,4 @@ function part<T extends object>(option: string, shape: string, value: T): Partia
 function checkSwitch(value: unknown): ChaosSwitch {
   if (typeof value !== 'boolean' && typeof value !== 'function') fail(GUARD, 'enabled', 'a boolean or a function of the request', value);
   return value as ChaosSwitch;
-}
-
-function invoke<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-  try {
-    return Promise.resolve(fn(call)) as Promise<T>;
-  } catch (error) {
-    return Promise.reject(error);
-  }
 }

@@ -278,7 +278,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     this.ensureAttached();
     const state = this.current;
     if (state.state !== 'closed') return this.runNotClosed(fn, call);
-    const start = this.slowCallMs !== Infinity || this.listening() ? this.clock.now() : NaN;
+    const start = this.slowCallMs !== Infinity || this.hearsOutcomes() ? this.clock.now() : NaN;
     return this.runAdmitted(fn, call, state, start);
   }
 
@@ -297,7 +297,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
       if (refreshed.state === 'open') return refuse(this.rejection(refreshed, now));
       return DEFER;
     }
-    if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.listening()) return DEFER;
+    if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.hearsOutcomes()) return DEFER;
     if (call.aborted) return DEFER;
     this.admittedCall();
     return state;
@@ -378,11 +378,6 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     const link = this.link;
     this.link = undefined;
     link?.detach();
-  }
-
-  private listening(): boolean {
-    const events = this.events;
-    return events !== undefined && (events.has('success') || events.has('failure'));
   }
 
   private runNotClosed<T>(fn: InternalFunction<T>, call: Call): Promise<T> {

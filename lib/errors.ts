@@ -14,6 +14,11 @@ const CODES: Readonly<Record<RejectionReason, string>> = {
   overloaded: 'BULWARK_OVERLOADED',
 };
 
+/** @internal Whether `reason` is one of bulwark's own rejection reasons (the HTTP answers write those without escaping). */
+export function isRejectionReason(reason: string): reason is RejectionReason {
+  return Object.hasOwn(CODES, reason);
+}
+
 /**
  * Base class of every error a guard raises instead of running (or finishing) a call.
  *

@@ -1,6 +1,6 @@
 import { Scope } from './cancellation.js';
 import type { DeadlineEntry } from './deadline-queue.js';
-import { Call, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
+import { Call, invoke, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
 
 // A pipeline of guards that each wrap the call in a promise of their own pays for every
 // layer: a promise, an `await`, a closure (~40 ns each on Node 20). Most guards decide
@@ -74,13 +74,7 @@ export function isDeadline(policy: Policy): policy is DeadlineGuard {
 /** Runs `policies[index…]` the ordinary way: each wraps the next. */
 export function runNested<T>(policies: readonly Policy[], index: number, fn: InternalFunction<T>, call: Call): Promise<T> {
   if (index === policies.length - 1) return runPolicy(policies[index]!, fn, call);
-  if (index >= policies.length) {
-    try {
-      return Promise.resolve(fn(call));
-    } catch (error) {
-      return Promise.reject(error);
-    }
-  }
+  if (index >= policies.length) return invoke(fn, call);
   return runPolicy(policies[index]!, (inner) => runNested(policies, index + 1, fn, inner), call);
 }
 
@@ -256,20 +250,16 @@ export class FusedCall extends Call implements TimedCall {
   /** Hands back the caller's promise for `result`, and arranges for the guards to hear how it ends. */
   answer(result: unknown): Promise<unknown> {
     const promise = Promise.resolve(result);
-    if (this.timer === undefined) {
-      // Without a timeout nothing can settle the call early: the caller gets the
-      // function's own promise, and the guards hear of it first (their reaction is
-      // registered before the caller's `await`).
-      if (this.entered > 0) {
-        promise.then(
-          (value) => this.settle(value, false),
-          (error: unknown) => this.settle(error, true),
-        );
-      }
+    let answer = promise;
+    if (this.timer !== undefined) {
+      // Only a timeout can settle the call before the function does: then the caller gets
+      // a promise of the segment's own.
+      capturing = this;
+      answer = new Promise(capture);
+    } else if (this.entered === 0) {
       return promise;
     }
-    capturing = this;
-    const answer = new Promise(capture);
+    // Registered before the caller's `await`: the guards hear of the outcome first.
     promise.then(
       (value) => this.settle(value, false),
       (error: unknown) => this.settle(error, true),

@@ -1,7 +1,7 @@
 import { systemClock, type Clock } from './clock.js';
 import { OverloadError, withoutStack } from './errors.js';
 import { DEFER, enter, leave, refuse } from './fused.js';
-import { BasePolicy, defaultName, run, type Call, type InternalFunction } from './policy.js';
+import { BasePolicy, defaultName, invoke, run, type Call, type InternalFunction } from './policy.js';
 import { PressureSampler, sharedSampler, type PressureSample, type PressureSubscription } from './pressure-sampler.js';
 import { clockOption, duration, fail, finiteNumber, knownKeys, name as checkName, optionsObject } from './validate.js';
 
@@ -100,20 +100,15 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
     if (!this.admit()) return Promise.reject(this.refuse());
-    if (this.events?.has('success') || this.events?.has('failure')) return this.observe(fn, call);
-    try {
-      return Promise.resolve(fn(call)) as Promise<T>;
-    } catch (error) {
-      return Promise.reject(error);
-    }
+    return this.hearsOutcomes() ? this.runObserved(fn, call, this.clock) : invoke(fn, call);
   }
 
   /**
-   * Fused pipelines (and HTTP routes): the decision is synchronous, so a refusal is thrown
-   * here rather than carried by a rejected promise; outcomes are heard only by listeners.
+   * Fused pipelines (and HTTP routes): the decision is synchronous, so the shedder admits
+   * or refuses on the spot; outcomes matter only to listeners, who take `[run]`.
    */
   [enter](_call: Call): unknown {
-    if (this.events?.has('success') || this.events?.has('failure')) return DEFER;
+    if (this.hearsOutcomes()) return DEFER;
     if (!this.admit()) return refuse(this.refuse());
     return undefined;
   }
@@ -179,19 +174,6 @@ export class LoadShedder extends BasePolicy<LoadShedderStats> {
       sample.rssBytes > this.maxRssBytes ||
       sample.eventLoopUtilization > this.maxEventLoopUtilization
     );
-  }
-
-  private async observe<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const events = this.events;
-    const start = events?.has('success') || events?.has('failure') ? this.clock.now() : undefined;
-    try {
-      const result = await fn(call);
-      if (events?.has('success')) events.emit('success', { durationMs: start === undefined ? undefined : this.clock.now() - start });
-      return result;
-    } catch (error) {
-      if (events?.has('failure')) events.emit('failure', { error, durationMs: start === undefined ? undefined : this.clock.now() - start });
-      throw error;
-    }
   }
 }
 

@@ -1,4 +1,5 @@
 import { Scope } from './cancellation.js';
+import type { Clock } from './clock.js';
 import { Emitter, type Unsubscribe } from './events.js';
 import type { RejectionReason } from './errors.js';
 
@@ -144,6 +145,15 @@ export function runPolicy<T>(policy: Policy, fn: InternalFunction<T>, call: Call
   return policy.execute((ctx) => fn(ctx instanceof Call ? ctx : new Call(new Scope(ctx.signal), ctx.attempt, ctx.context)), call.signal, call.context);
 }
 
+/** Calls `fn` and hands back a promise: a synchronous throw becomes a rejection. */
+export function invoke<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
+  try {
+    return Promise.resolve(fn(call));
+  } catch (error) {
+    return Promise.reject(error);
+  }
+}
+
 const ADMITTED: Record<string, never> = Object.freeze({});
 
 const counters = new Map<string, number>();
@@ -169,6 +179,29 @@ export abstract class BasePolicy<Stats extends object, Events extends PolicyEven
   protected admittedCall(): void {
     const events = this.events as Emitter<PolicyEvents> | undefined;
     if (events !== undefined && events.has('admitted')) events.emit('admitted', ADMITTED);
+  }
+
+  /**
+   * Somebody listens to `success` or `failure`: outcomes must be heard and timed, which is
+   * what keeps a guard off its cheapest path (no clock read, no fusing).
+   */
+  protected hearsOutcomes(): boolean {
+    const events = this.events as Emitter<PolicyEvents> | undefined;
+    return events !== undefined && (events.has('success') || events.has('failure'));
+  }
+
+  /** Runs `fn` and reports how it ended, with its duration on `clock`, as `success` or `failure`. */
+  protected async runObserved<T>(fn: InternalFunction<T>, call: Call, clock: Clock): Promise<T> {
+    const events = this.events as Emitter<PolicyEvents> | undefined;
+    const started = clock.now();
+    try {
+      const result = await fn(call);
+      if (events?.has('success')) events.emit('success', { durationMs: clock.now() - started });
+      return result;
+    } catch (error) {
+      if (events?.has('failure')) events.emit('failure', { error, durationMs: clock.now() - started });
+      throw error;
+    }
   }
 
   constructor(name: string) {

@@ -2,7 +2,7 @@ import { ipKey } from './client-ip.js';
 import { resolveKey, SHARED_KEY, type KeyFunction } from './keys.js';
 import { systemClock, type Clock } from './clock.js';
 import { RateLimitError, withoutStack } from './errors.js';
-import { BasePolicy, defaultName, run, type Call, type CallContext, type InternalFunction, type PolicyEvents } from './policy.js';
+import { BasePolicy, defaultName, invoke, run, type Call, type CallContext, type InternalFunction, type PolicyEvents } from './policy.js';
 import { DEFER, enter, leave, refuse } from './fused.js';
 import { memoryStore, MemoryStore } from './stores/memory.js';
 import type { RateLimitAlgorithm, RateLimitDecision, RateLimitRule, RateLimitStore } from './stores/types.js';
@@ -123,8 +123,7 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
    * admits or refuses on the spot and needs to hear nothing afterwards.
    */
   [enter](call: Call): unknown {
-    const events = this.events;
-    if (!this.synchronous || (events !== undefined && (events.has('success') || events.has('failure')))) return DEFER;
+    if (!this.synchronous || this.hearsOutcomes()) return DEFER;
     const key = this.keyOf(call.context);
     const decision = this.store.consume(this.rule, key) as RateLimitDecision;
     record(call.context, decision);
@@ -180,13 +179,7 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
     if (!decision.allowed) return Promise.reject(this.refuse(decision, key));
     this.admitted++;
     this.admittedCall();
-    const events = this.events;
-    if (events !== undefined && (events.has('success') || events.has('failure'))) return this.observe(fn, call);
-    try {
-      return Promise.resolve(fn(call));
-    } catch (error) {
-      return Promise.reject(error);
-    }
+    return this.hearsOutcomes() ? this.runObserved(fn, call, this.clock) : invoke(fn, call);
   }
 
   private refuse(decision: RateLimitDecision, key: string): RateLimitError {
@@ -196,17 +189,6 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
     return error;
   }
 
-  private async observe<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const started = this.clock.now();
-    try {
-      const result = await fn(call);
-      this.events?.emit('success', { durationMs: this.clock.now() - started });
-      return result;
-    } catch (error) {
-      this.events?.emit('failure', { error, durationMs: this.clock.now() - started });
-      throw error;
-    }
-  }
 }
 
 /**

@@ -169,8 +169,7 @@ export class Retry extends BasePolicy<RetryStats, RetryEvents> {
   async [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
     this.calls++;
     const scope = call.scope;
-    const events = this.events;
-    const started = events !== undefined && (events.has('success') || events.has('failure')) ? this.clock.now() : undefined;
+    const started = this.hearsOutcomes() ? this.clock.now() : undefined;
     for (let attempt = 1; ; attempt++) {
       if (scope !== undefined && scope.aborted) return this.fail(scope.reason, started);
       let error: unknown;

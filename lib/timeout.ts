@@ -130,8 +130,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
 
   /** Durations are reported only to listeners, and need a precise start. */
   private timed(): boolean {
-    const events = this.events;
-    return events !== undefined && (events.has('success') || events.has('failure'));
+    return this.hearsOutcomes();
   }
 
   private elapsed(entry: TimedCall): number {

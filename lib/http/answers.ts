@@ -2,7 +2,7 @@
 // rejection or a degraded answer gets. Adapters only copy an `HttpAnswer` onto their
 // framework's response.
 
-import type { GuardRejection, RejectionReason } from '../errors.js';
+import { isRejectionReason, type GuardRejection, type RejectionReason } from '../errors.js';
 import type { RateLimitInfo } from '../policy.js';
 
 /** Why the guard answered instead of the handler: a rejection's reason, or `error` for a failed handler. */
@@ -31,8 +31,6 @@ export interface RejectResponse {
 export const JSON_TYPE = 'application/json';
 const TEXT_TYPE = 'text/plain; charset=utf-8';
 const BYTES_TYPE = 'application/octet-stream';
-
-const KNOWN_REASONS: ReadonlySet<string> = new Set<RejectionReason>(['circuit_open', 'bulkhead_full', 'timeout', 'rate_limited', 'overloaded']);
 
 const STATUS_TEXT: Record<number, string> = {
   429: 'Too Many Requests',
@@ -112,7 +110,7 @@ export function rejectionAnswer(rejection: GuardRejection, timeoutStatus: number
   // Written out rather than JSON.stringify'd (a third of a refusal's own cost): every part
   // is a known constant or an integer; only a reason from outside bulwark is escaped.
   const reason = rejection.reason;
-  const quotedReason = KNOWN_REASONS.has(reason) ? `"${reason}"` : JSON.stringify(reason);
+  const quotedReason = isRejectionReason(reason) ? `"${reason}"` : JSON.stringify(reason);
   const body = `{"error":"${STATUS_TEXT[status] ?? 'Service Unavailable'}","reason":${quotedReason},"retryAfter":${retryAfter}}`;
   return { status, headers, body };
 }
