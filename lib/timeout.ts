@@ -74,7 +74,8 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     const pending = new PendingCall(call.scope);
     capturing = pending;
     const promise = new Promise<T>(capture);
-    this.deadlines.push(pending, this.timed());
+    // Listeners get durations, which need a start stamped precisely.
+    this.deadlines.push(pending, this.hearsOutcomes());
     let result: T | PromiseLike<T>;
     try {
       result = fn(call.withScope(pending));
@@ -100,7 +101,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
   /** A fused pipeline segment times a call; it ends the deadline with `finish`, or hears of expiry. */
   [deadline](entry: TimedCall): void {
     this.calls++;
-    this.deadlines.push(entry, this.timed());
+    this.deadlines.push(entry, this.hearsOutcomes());
   }
 
   /** The function settled, one way or the other; ignored once the deadline has passed. */
@@ -126,11 +127,6 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
       }
     }
     return true;
-  }
-
-  /** Durations are reported only to listeners, and need a precise start. */
-  private timed(): boolean {
-    return this.hearsOutcomes();
   }
 
   private elapsed(entry: TimedCall): number {

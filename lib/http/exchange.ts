@@ -279,7 +279,7 @@ export class Exchange implements SegmentOwner {
           return;
         }
         if (started instanceof Refusal) {
-          this.refused(started.error);
+          this.policySettled(true, started.error);
           return;
         }
         outcome = started;
@@ -287,7 +287,7 @@ export class Exchange implements SegmentOwner {
         outcome = runPolicy(this.guard.policy, (admitted) => this.runDeferred(admitted), call);
       }
     } catch (error) {
-      this.refused(error);
+      this.policySettled(true, error);
       return;
     }
     outcome.then(
@@ -296,14 +296,8 @@ export class Exchange implements SegmentOwner {
     );
   }
 
-  /** The policy refused the call at once: answered after a microtask, as a rejected promise would be. */
-  private refused(error: unknown): void {
-    void RESOLVED.then(() => this.onRejected(error));
-  }
-
   /** The timeout of the fused segment passed before the handler's part ended. */
   expired(error: unknown): void {
-    if (this.handled === undefined) return; // the promise path hears of it from its promise
     this.policyDone = true;
     this.policySettled(true, error);
   }
@@ -423,13 +417,14 @@ export class Exchange implements SegmentOwner {
   }
 
   /**
-   * Direct path: the policy's part ended (`rejected` with `outcome`). The common case, a
-   * handler whose answer stands, is settled here and now; anything that needs the guard
-   * to answer waits for a microtask, as it would behind a promise, so that an adapter
-   * reporting from inside the handler's write finishes that write first.
+   * The policy's part ended without a promise to tell (a refusal at once, or the direct
+   * path): `rejected` with `outcome`. The common case, a handler whose answer stands, is
+   * settled here and now; anything that needs the guard to answer waits for a microtask,
+   * as it would behind a promise, so that an adapter reporting from inside the handler's
+   * write finishes that write first.
    */
   private policySettled(rejected: boolean, outcome: unknown): void {
-    if (!rejected && (this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone) {
+    if (!rejected && this.answerStands) {
       this.markDecided();
       return;
     }
@@ -519,9 +514,13 @@ export class Exchange implements SegmentOwner {
   };
 
   private onResolved(value: unknown): void {
-    // The common case: the handler answered and its answer stands; nothing is left to do.
-    if ((this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone) this.markDecided();
+    if (this.answerStands) this.markDecided();
     else void this.conclude(false, value);
+  }
+
+  /** The common case: the handler answered (or still answers) and its answer stands; nothing is left to do. */
+  private get answerStands(): boolean {
+    return (this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone;
   }
 
   private onRejected(error: unknown): void {
