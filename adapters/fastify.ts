@@ -176,9 +176,7 @@ class FastifyExchange extends Exchange implements ResponseTarget {
     clearErrorFlag(reply);
     // Only what is there: deleting a header Fastify does not hold still costs a lookup and a delete.
     for (const name of REPRESENTATION_HEADERS) if (reply.hasHeader(name)) reply.removeHeader(name);
-    reply.code(answer.status).headers(answer.headers);
-    // Bytes, so that Fastify sends the content type as given (it adds a charset to JSON-ish strings).
-    (reply as GuardedReply)[ORIGINAL_SEND].call(reply, Buffer.from(answer.body));
+    writeAnswer(reply, answer, (reply as GuardedReply)[ORIGINAL_SEND]);
   }
 
   takeOver(): void {
@@ -233,8 +231,13 @@ const offerToCache: OnSend = (request, reply, payload, done) => {
 export function healthRoute(policies: Policies): RouteHandlerMethod {
   const list = policyList('fastify healthRoute', policies);
   return function bulwarkHealth(_request: FastifyRequest, reply: FastifyReply): void {
-    const answer = healthResponse(list);
-    // Bytes, so that Fastify sends the content type as given (it adds a charset to JSON-ish strings).
-    void reply.code(answer.status).headers(answer.headers).send(Buffer.from(answer.body));
+    writeAnswer(reply, healthResponse(list), reply.send);
   };
+}
+
+/** Sends `answer` through `send` (Fastify's own, past the guard's patch, for the guard's answers). */
+function writeAnswer(reply: FastifyReply, answer: HttpAnswer, send: Send): void {
+  reply.code(answer.status).headers(answer.headers);
+  // Bytes, so that Fastify sends the content type as given (it adds a charset to JSON-ish strings).
+  send.call(reply, Buffer.from(answer.body));
 }

@@ -82,9 +82,7 @@ class KoaExchange extends Exchange implements ResponseTarget {
     this.owning = true;
     try {
       for (const name of REPRESENTATION_HEADERS) ctx.remove(name);
-      ctx.status = answer.status;
-      ctx.set(answer.headers);
-      ctx.body = typeof answer.body === 'string' ? answer.body : Buffer.from(answer.body);
+      writeAnswer(ctx, answer);
     } finally {
       this.owning = false;
     }
@@ -159,10 +157,14 @@ function offer(exchange: Exchange, ctx: Context): void {
 export function healthRoute(policies: Policies): Middleware {
   const list = policyList('koa healthRoute', policies);
   return function bulwarkHealth(ctx: Context): void {
-    const answer = healthResponse(list);
-    ctx.status = answer.status;
-    // Headers first: Koa then leaves the content type of a string body alone.
-    ctx.set(answer.headers);
-    ctx.body = answer.body;
+    writeAnswer(ctx, healthResponse(list));
   };
+}
+
+/** Puts `answer` in the context, for Koa to write. */
+function writeAnswer(ctx: Context, answer: HttpAnswer): void {
+  ctx.status = answer.status;
+  // Headers first: Koa then leaves the content type of a string body alone.
+  ctx.set(answer.headers);
+  ctx.body = typeof answer.body === 'string' ? answer.body : Buffer.from(answer.body);
 }
