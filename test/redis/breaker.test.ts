@@ -1,29 +1,18 @@
 import { expect } from 'chai';
-import type { Redis } from 'ioredis';
 import sinon from 'sinon';
 import { circuitBreaker, type CircuitBreaker, type CircuitBreakerOptions } from '../../lib/circuit-breaker.js';
 import { CircuitOpenError } from '../../lib/errors.js';
-import { redisStore, type RedisStore, type RedisStoreOptions } from '../../lib/stores/redis.js';
+import type { RedisStoreOptions } from '../../lib/stores/redis.js';
 import { breakerOpenScript } from '../../lib/stores/redis/scripts.js';
 import type { BreakerPeerHandler } from '../../lib/stores/types.js';
-import { deleteUnder, eventually, keysUnder, sharedClient, sleep, uniquePrefix } from './setup.js';
+import { eventually, keysUnder, sharedRedisInstances, sleep } from './setup.js';
 
 // Real Redis and real time: what is tested is how fast state crosses the network, so the
 // waits below are bounded polls, never fixed sleeps standing in for a state change.
 describe('redisStore: circuit breakers across instances', function () {
   this.timeout(10_000);
-  const clients: Redis[] = [];
-  const stores: RedisStore[] = [];
-  let admin: Redis;
-  let prefix: string;
-
-  async function instance(options: RedisStoreOptions = {}): Promise<{ store: RedisStore; client: Redis }> {
-    const client = await sharedClient();
-    clients.push(client);
-    const store = redisStore(client, { prefix, ...options });
-    stores.push(store);
-    return { store, client };
-  }
+  const redis = sharedRedisInstances();
+  const instance = redis.instance;
 
   /** One breaker per instance, all with the same name, each attached (a first call attaches). */
   async function breakers(count: number, options: Partial<CircuitBreakerOptions> = {}, storeOptions: RedisStoreOptions = {}): Promise<CircuitBreaker[]> {
@@ -41,23 +30,8 @@ describe('redisStore: circuit breakers across instances', function () {
     throw new Error('upstream down');
   };
 
-  before(async () => {
-    admin = await sharedClient();
-  });
-
-  beforeEach(() => {
-    prefix = uniquePrefix();
-  });
-
-  afterEach(async () => {
+  afterEach(() => {
     sinon.restore();
-    await Promise.all(stores.splice(0).map((store) => store.close()));
-    await Promise.all(clients.splice(0).map((client) => client.quit()));
-    if (admin !== undefined) await deleteUnder(admin, prefix);
-  });
-
-  after(async () => {
-    await admin?.quit();
   });
 
   it('a trip on one instance opens the others within syncMs', async () => {
@@ -75,9 +49,9 @@ describe('redisStore: circuit breakers across instances', function () {
   it('the shared record has an expiry, and a breaker that starts later learns it is open', async () => {
     const [a] = await breakers(1);
     await a!.execute(fail).catch(() => {});
-    await eventually(async () => (await keysUnder(admin, prefix)).length > 0, 1000, 'the record is written');
-    for (const key of await keysUnder(admin, prefix)) {
-      const ttl = await admin.pttl(key);
+    await eventually(async () => (await keysUnder(redis.admin, redis.prefix)).length > 0, 1000, 'the record is written');
+    for (const key of await keysUnder(redis.admin, redis.prefix)) {
+      const ttl = await redis.admin.pttl(key);
       expect(ttl, key).to.be.greaterThan(10_000);
       expect(ttl, key).to.be.at.most(10_000 + 60_000);
     }
@@ -88,7 +62,7 @@ describe('redisStore: circuit breakers across instances', function () {
   it('the periodic sync opens a breaker that missed the message', async () => {
     const [b] = await breakers(1, {}, { syncMs: 150 });
     // An open written without a message on the store's channel (as if it got lost).
-    await admin.eval(breakerOpenScript.body, 1, `${prefix}cb:users-api`, `${prefix}elsewhere`, 'someone', 'users-api', 5000, 60_000);
+    await redis.admin.eval(breakerOpenScript.body, 1, `${redis.prefix}cb:users-api`, `${redis.prefix}elsewhere`, 'someone', 'users-api', 5000, 60_000);
     const took = await eventually(() => b!.state === 'open', 1000, 'b opens from the record');
     expect(took).to.be.below(150 + 100);
   });
@@ -133,7 +107,7 @@ describe('redisStore: circuit breakers across instances', function () {
     a!.reset();
     const took = await eventually(() => b!.state === 'closed', 1000, 'b closed');
     expect(took).to.be.below(1000);
-    expect(await keysUnder(admin, prefix)).to.deep.equal([]);
+    expect(await keysUnder(redis.admin, redis.prefix)).to.deep.equal([]);
   });
 
   it('a close does not undo a newer open the closer had not heard of', async () => {
@@ -143,11 +117,11 @@ describe('redisStore: circuit breakers across instances', function () {
     const link = store.attach('users-api', peer);
     await sleep(20);
     // Another instance opens it, but this one's subscriber does not hear of it.
-    await admin.eval(breakerOpenScript.body, 1, `${prefix}cb:users-api`, `${prefix}elsewhere`, 'someone', 'users-api', 5000, 60_000);
+    await redis.admin.eval(breakerOpenScript.body, 1, `${redis.prefix}cb:users-api`, `${redis.prefix}elsewhere`, 'someone', 'users-api', 5000, 60_000);
     link.publish('closed', 0);
     await eventually(() => heard.length > 0, 1000, 'the refused close reports the open');
     expect(heard).to.deep.equal(['opened ~5000']);
-    expect(await admin.hget(`${prefix}cb:users-api`, 'state')).to.equal('open');
+    expect(await redis.admin.hget(`${redis.prefix}cb:users-api`, 'state')).to.equal('open');
   });
 
   it('the probe lock is released early, and only by its holder', async () => {
@@ -156,11 +130,11 @@ describe('redisStore: circuit breakers across instances', function () {
     expect(await one.acquireProbe(5000)).to.equal(true);
     expect(await two.acquireProbe(5000)).to.equal(false);
     two.releaseProbe(); // not its lock: nothing happens
-    expect(await admin.get(`${prefix}cb:users-api:probe`)).to.be.a('string');
-    const ttl = await admin.pttl(`${prefix}cb:users-api:probe`);
+    expect(await redis.admin.get(`${redis.prefix}cb:users-api:probe`)).to.be.a('string');
+    const ttl = await redis.admin.pttl(`${redis.prefix}cb:users-api:probe`);
     expect(ttl).to.be.within(1, 5000);
     one.releaseProbe();
-    await eventually(async () => (await admin.exists(`${prefix}cb:users-api:probe`)) === 0, 1000, 'the lock is gone');
+    await eventually(async () => (await redis.admin.exists(`${redis.prefix}cb:users-api:probe`)) === 0, 1000, 'the lock is gone');
     expect(await two.acquireProbe(5000)).to.equal(true);
   });
 

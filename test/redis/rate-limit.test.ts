@@ -6,28 +6,19 @@ import { RateLimitError } from '../../lib/errors.js';
 import type { CallContext } from '../../lib/policy.js';
 import { rateLimit } from '../../lib/rate-limit.js';
 import { slidingWindowConsume, slidingWindowIdle, tokenBucketConsume, tokenBucketIdle, type SlidingWindowState, type TokenBucketState } from '../../lib/stores/algorithms.js';
-import { redisStore, type RedisStore } from '../../lib/stores/redis.js';
+import type { RedisStore } from '../../lib/stores/redis.js';
 import { slidingWindowScript, tokenBucketScript, type Script } from '../../lib/stores/redis/scripts.js';
 import type { RateLimitAlgorithm, RateLimitDecision, RateLimitRule } from '../../lib/stores/types.js';
-import { deleteUnder, keysUnder, sharedClient, uniquePrefix } from './setup.js';
+import { keysUnder, sharedRedisInstances } from './setup.js';
 
 describe('redisStore: rate limits', function () {
   this.timeout(10_000);
-  const clients: Redis[] = [];
-  const stores: RedisStore[] = [];
-  let admin: Redis;
-  let prefix: string;
+  const redis = sharedRedisInstances();
 
   /** `count` separate instances: each its own connection and its own store. */
   async function instances(count: number): Promise<RedisStore[]> {
     const made: RedisStore[] = [];
-    for (let i = 0; i < count; i++) {
-      const client = await sharedClient();
-      clients.push(client);
-      const store = redisStore(client, { prefix, commandTimeoutMs: 2000 });
-      stores.push(store);
-      made.push(store);
-    }
+    for (let i = 0; i < count; i++) made.push((await redis.instance({ commandTimeoutMs: 2000 })).store);
     return made;
   }
 
@@ -35,23 +26,6 @@ describe('redisStore: rate limits', function () {
     return Object.freeze({ name, limit, windowMs, algorithm });
   }
 
-  before(async () => {
-    admin = await sharedClient();
-  });
-
-  beforeEach(() => {
-    prefix = uniquePrefix();
-  });
-
-  afterEach(async () => {
-    await Promise.all(stores.splice(0).map((store) => store.close()));
-    await Promise.all(clients.splice(0).map((client) => client.quit()));
-    if (admin !== undefined) await deleteUnder(admin, prefix);
-  });
-
-  after(async () => {
-    await admin?.quit();
-  });
 
   it('holds one limit between instances whose own clocks disagree by ±5 s: windows run on Redis time', async () => {
     const [a, b] = await instances(2);
@@ -116,12 +90,12 @@ describe('redisStore: rate limits', function () {
     for (let i = 0; i < 20; i++) {
       await Promise.all([one!.consume(sliding, `k${i % 4}`), two!.consume(bucket, `k${i % 3}`)]);
     }
-    const keys = await keysUnder(admin, prefix);
+    const keys = await keysUnder(redis.admin, redis.prefix);
     expect(keys).to.have.length(7);
     for (const key of keys) {
-      const ttl = await admin.pttl(key);
+      const ttl = await redis.admin.pttl(key);
       expect(ttl, key).to.be.greaterThan(0);
-      expect(ttl, key).to.be.at.most(key.startsWith(`${prefix}sw:`) ? 20_000 : 10_000);
+      expect(ttl, key).to.be.at.most(key.startsWith(`${redis.prefix}sw:`) ? 20_000 : 10_000);
     }
   });
 
@@ -130,8 +104,8 @@ describe('redisStore: rate limits', function () {
     const bucket = rule('token-bucket', 10, 100);
     await store!.consume(bucket, 'k');
     // One token used: back to full after windowMs / limit = 10 ms.
-    const [key] = await keysUnder(admin, prefix);
-    expect(await admin.pttl(key!)).to.be.within(1, 10);
+    const [key] = await keysUnder(redis.admin, redis.prefix);
+    expect(await redis.admin.pttl(key!)).to.be.within(1, 10);
   });
 
   it('holds the limit when a burst straddles a window boundary (no double burst)', async () => {
@@ -140,13 +114,13 @@ describe('redisStore: rate limits', function () {
     const windowMs = 1000;
     const limiter = rule('sliding-window', limit, windowMs);
     // Start 15 ms before a boundary of Redis's clock (the windows are aligned to it).
-    const now = await redisNow(admin);
+    const now = await redisNow(redis.admin);
     let boundary = Math.ceil(now / windowMs) * windowMs;
     if (boundary - now < 50) boundary += windowMs;
     await new Promise((resolve) => setTimeout(resolve, boundary - now - 15));
-    const before = await redisNow(admin);
+    const before = await redisNow(redis.admin);
     const decisions = await Promise.all(three.flatMap((store) => Array.from({ length: 150 }, () => store.consume(limiter, 'edge'))));
-    const duration = (await redisNow(admin)) - before;
+    const duration = (await redisNow(redis.admin)) - before;
     const admitted = decisions.filter((d) => d.allowed).length;
     // A fixed window would admit up to 2 × limit here. The sliding window admits at most
     // limit, plus what the previous window's weight lost while the burst lasted.
@@ -217,7 +191,7 @@ describe('redisStore: rate limits', function () {
             fc.integer({ min: 1_700_000_000_000_000, max: 1_800_000_000_000_000 }),
             fc.array(step, { minLength: 1, maxLength: 25 }),
             async (limit, windowMs, startUs, steps) => {
-              const key = `${prefix}port:${run++}`;
+              const key = `${redis.prefix}port:${run++}`;
               let us = startUs;
               let sliding: SlidingWindowState | undefined;
               let bucket: TokenBucketState | undefined;
@@ -236,7 +210,7 @@ describe('redisStore: rate limits', function () {
                     bucket ??= { tokens: limit, at: now };
                     expected = tokenBucketConsume(bucket, now, limit, windowMs);
                   }
-                  const [reply, ttl] = (await admin
+                  const [reply, ttl] = (await redis.admin
                     .multi()
                     .eval(body, 1, key, limit, windowMs, seconds, micros)
                     .getdel(`${key}:ttl`)

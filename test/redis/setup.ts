@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { Redis, type RedisOptions } from 'ioredis';
+import { redisStore, type RedisStore, type RedisStoreOptions } from '../../lib/stores/redis.js';
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const START = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no';
@@ -66,4 +67,50 @@ export async function eventually(check: () => boolean | Promise<boolean>, within
 
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** What `sharedRedisInstances()` gives a suite; `admin` and `prefix` are set by its hooks. */
+export interface SharedRedisInstances {
+  /** A client of its own for inspecting Redis, open for the whole suite. */
+  admin: Redis;
+  /** This test's key prefix: no other test (or earlier run) uses it. */
+  prefix: string;
+  /** One more instance: a connection and a store of its own, under this test's prefix. */
+  instance(options?: RedisStoreOptions): Promise<{ store: RedisStore; client: Redis }>;
+}
+
+/**
+ * Instances on the shared Redis for the tests of one `describe` (call it there): each test
+ * gets a fresh prefix; the stores and clients it made are closed after it, and its keys
+ * deleted.
+ */
+export function sharedRedisInstances(): SharedRedisInstances {
+  const clients: Redis[] = [];
+  const stores: RedisStore[] = [];
+  const env: SharedRedisInstances = {
+    admin: undefined as unknown as Redis,
+    prefix: '',
+    async instance(options = {}) {
+      const client = await sharedClient();
+      clients.push(client);
+      const store = redisStore(client, { prefix: env.prefix, ...options });
+      stores.push(store);
+      return { store, client };
+    },
+  };
+  before(async () => {
+    env.admin = await sharedClient();
+  });
+  beforeEach(() => {
+    env.prefix = uniquePrefix();
+  });
+  afterEach(async () => {
+    await Promise.all(stores.splice(0).map((store) => store.close()));
+    await Promise.all(clients.splice(0).map((client) => client.quit()));
+    if (env.admin !== undefined) await deleteUnder(env.admin, env.prefix);
+  });
+  after(async () => {
+    await env.admin?.quit();
+  });
+  return env;
 }
