@@ -1,5 +1,6 @@
 import { Scope } from './cancellation.js';
 import type { DeadlineEntry } from './deadline-queue.js';
+import { promiseFor } from './settlers.js';
 import { Call, invoke, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
 
 // A pipeline of guards that each wrap the call in a promise of their own pays for every
@@ -176,8 +177,9 @@ export class FusedCall extends Call implements TimedCall {
   /** The timeout's error, once the deadline passed. */
   private timeoutError: unknown = undefined;
   private done = false;
-  private resolve: ((value: unknown) => void) | undefined = undefined;
-  private reject: ((error: unknown) => void) | undefined = undefined;
+  /** Settle the caller's promise when there is a timeout (`promiseFor`). */
+  resolve: ((value: unknown) => void) | undefined = undefined;
+  reject: ((error: unknown) => void) | undefined = undefined;
 
   constructor(
     private readonly segment: FusedSegment,
@@ -254,8 +256,7 @@ export class FusedCall extends Call implements TimedCall {
     if (this.timer !== undefined) {
       // Only a timeout can settle the call before the function does: then the caller gets
       // a promise of the segment's own.
-      capturing = this;
-      answer = new Promise(capture);
+      answer = promiseFor(this);
     } else if (this.entered === 0) {
       return promise;
     }
@@ -315,18 +316,7 @@ export class FusedCall extends Call implements TimedCall {
       (policies[i] as FusableGuard)[leave](this.token(i), i > timeoutAt && timeoutAt >= 0 ? this : this.outer, outcome, failed);
     }
   }
-
-  static capture(this: void, resolve: (value: unknown) => void, reject: (error: unknown) => void): void {
-    capturing!.resolve = resolve;
-    capturing!.reject = reject;
-    capturing = undefined;
-  }
 }
-
-// The promise executor runs synchronously inside `new Promise`, so a module slot hands it
-// the call without a closure per call.
-let capturing: FusedCall | undefined;
-const capture = FusedCall.capture;
 
 /**
  * Splits a pipeline's guards into fused segments and guards that run on their own, so

@@ -1,6 +1,7 @@
 import { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { DeadlineQueue } from './deadline-queue.js';
+import { promiseFor } from './settlers.js';
 import { deadline, type TimedCall } from './fused.js';
 import { TimeoutError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
@@ -72,8 +73,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
     this.calls++;
     const pending = new PendingCall(call.scope);
-    capturing = pending;
-    const promise = new Promise<T>(capture);
+    const promise = promiseFor<T>(pending);
     // Listeners get durations, which need a start stamped precisely.
     this.deadlines.push(pending, this.hearsOutcomes());
     let result: T | PromiseLike<T>;
@@ -107,8 +107,8 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
   /** The function settled, one way or the other; ignored once the deadline has passed. */
   private settle(pending: PendingCall, outcome: unknown, failed: boolean): void {
     if (!this.finish(pending, outcome, failed)) return;
-    if (failed) pending.reject(outcome);
-    else pending.resolve(outcome);
+    if (failed) pending.reject!(outcome);
+    else pending.resolve!(outcome);
   }
 
   /** @internal Ends the deadline of a call that settled; false when the deadline came first. */
@@ -150,25 +150,16 @@ class PendingCall extends Scope implements TimedCall {
   deadline = 0;
   /** In the deadline queue: neither settled nor expired yet. */
   queued = false;
-  resolve!: (value: unknown) => void;
-  reject!: (error: unknown) => void;
+  resolve: ((value: unknown) => void) | undefined = undefined;
+  reject: ((error: unknown) => void) | undefined = undefined;
 
   timedOut(error: TimeoutError): void {
     // Abort first: inner guards (a queued bulkhead place, a retry's sleep) let go before
     // the caller hears of it. Aborting also unlinks the scope from its parent.
     this.abort(error);
     this.dispose();
-    this.reject(error);
+    this.reject!(error);
   }
-}
-
-// The promise executor runs synchronously inside `new Promise`, so a module slot hands it
-// the call without allocating a closure per call.
-let capturing: PendingCall | undefined;
-function capture(resolve: (value: never) => void, reject: (error: unknown) => void): void {
-  capturing!.resolve = resolve as (value: unknown) => void;
-  capturing!.reject = reject;
-  capturing = undefined;
 }
 
 function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
