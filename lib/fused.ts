@@ -203,14 +203,6 @@ export class FusedCall extends Call implements TimedCall {
     return (this.cancellation ??= this.openScope());
   }
 
-  override get signal(): AbortSignal {
-    return this.scope.signal;
-  }
-
-  override withAttempt(attempt: number): Call {
-    return new Call(this.scope, attempt, this.context);
-  }
-
   override get aborted(): boolean {
     const scope = this.cancellation;
     if (scope !== undefined) return scope.aborted;

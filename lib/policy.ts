@@ -113,7 +113,8 @@ export class Call implements ExecuteContext {
   }
 
   get signal(): AbortSignal {
-    return (this.cancellation ??= new Scope()).signal;
+    // Through `scope`, which a subclass may make on demand.
+    return (this.scope ?? (this.cancellation = new Scope())).signal;
   }
 
   /** Whether the call was cancelled. Unlike reading `scope`, never makes a scope to find out. */
@@ -133,7 +134,7 @@ export class Call implements ExecuteContext {
   }
 
   withAttempt(attempt: number): Call {
-    return new Call(this.cancellation, attempt, this.context);
+    return new Call(this.scope, attempt, this.context);
   }
 }
 
