@@ -5,7 +5,7 @@ import * as validate from '../validate.js';
 import { memoryStore } from './memory.js';
 import { BreakerSync, escapeName } from './redis/breakers.js';
 import type { RedisCallback, RedisClientLike } from './redis/client.js';
-import { Connection, type RedisStoreEvents, type RedisStoreLogger, type RedisTimeoutError, type ScriptCommand, type TimedCommand } from './redis/connection.js';
+import { Connection, type RedisStoreEvents, type RedisStoreLogger, type RedisTimeoutError, type TimedCommand } from './redis/connection.js';
 import { isNoScript, slidingWindowScript, tokenBucketScript, type Script } from './redis/scripts.js';
 import type { BreakerLink, BreakerPeerHandler, BreakerStore, RateLimitDecision, RateLimitRule, RateLimitStore } from './types.js';
 
@@ -164,7 +164,8 @@ export class RedisStore implements RateLimitStore, BreakerStore {
     const limiter = this.limiter(rule);
     if (this.closed || !this.connection.begin()) return this.fallback(rule, key);
     return new Promise<RateLimitDecision>((resolve, reject) => {
-      this.connection.send(new Decision(this.connection, limiter, key, this.fallback, resolve, reject));
+      const decision = new Decision(this.connection, limiter, key, this.fallback, resolve, reject);
+      this.connection.send(decision, limiter.script, decision.key, limiter.limit, limiter.windowMs, decision.callback);
     });
   }
 
@@ -242,15 +243,12 @@ export class RedisStore implements RateLimitStore, BreakerStore {
 }
 
 /** One rate-limit decision on its way through Redis. */
-class Decision implements ScriptCommand {
+class Decision implements TimedCommand {
   phase: 0 | 1 | 2 = 0;
   deadline = 0;
   older: TimedCommand | undefined = undefined;
   newer: TimedCommand | undefined = undefined;
-  readonly script: Script;
   readonly key: string;
-  readonly arg1: string;
-  readonly arg2: string;
   /** What the client calls with the reply. */
   readonly callback: RedisCallback;
   private reloaded = false;
@@ -263,10 +261,7 @@ class Decision implements ScriptCommand {
     private readonly resolve: Settle<RateLimitDecision>,
     private readonly reject: (reason: unknown) => void,
   ) {
-    this.script = limiter.script;
     this.key = limiter.base + localKey;
-    this.arg1 = limiter.limit;
-    this.arg2 = limiter.windowMs;
     // Made here rather than as a class field: one small closure, and no per-instance
     // function naming by transpilers that keep names.
     this.callback = (error, reply) => this.reply(error, reply);
@@ -279,7 +274,8 @@ class Decision implements ScriptCommand {
       // whole, once, within the same time bound.
       if (!this.reloaded && isNoScript(error) && this.phase !== 2) {
         this.reloaded = true;
-        connection.client.eval(this.script.body, 1, this.key, this.arg1, this.arg2, this.callback);
+        const limiter = this.limiter;
+        connection.client.eval(limiter.script.body, 1, this.key, limiter.limit, limiter.windowMs, this.callback);
         return;
       }
       if (!connection.settle(this)) return;
