@@ -261,7 +261,9 @@ export class Exchange implements SegmentOwner {
    */
   run(start?: () => void): void {
     this.starter = start;
-    const context: CallContext = this.guard.exposesRequest ? { request: this.request } : {};
+    // Guards that never read the context never write it either (only rateLimit writes it,
+    // and it reads the request): they share one frozen empty context.
+    const context: CallContext = this.guard.exposesRequest ? { request: this.request } : EMPTY_CONTEXT;
     this.callContext = context;
     listenClose(this.target.raw, this.onClose);
     const call = new Call(this.scope, 1, context);
@@ -447,26 +449,21 @@ export class Exchange implements SegmentOwner {
   }
 
   private resolveHandler(): void {
-    if (this.handled !== undefined) {
-      this.endDirect(DONE, false);
-      return;
-    }
-    const resolve = this.resolveRun;
-    this.resolveRun = this.rejectRun = undefined;
-    resolve?.(DONE);
+    this.endHandler(DONE, false);
   }
 
   private rejectHandler(error: unknown): void {
-    if (this.handled !== undefined) {
-      this.endDirect(error, true);
-      return;
-    }
-    const reject = this.rejectRun;
-    this.resolveRun = this.rejectRun = undefined;
-    reject?.(error);
+    this.endHandler(error, true);
   }
 
-  private endDirect(outcome: unknown, failed: boolean): void {
+  /** The handler's part of the call ended: tell the policy, once, by the path it took. */
+  private endHandler(outcome: unknown, failed: boolean): void {
+    if (this.handled === undefined) {
+      const settle = failed ? this.rejectRun : this.resolveRun;
+      this.resolveRun = this.rejectRun = undefined;
+      settle?.(outcome as typeof DONE);
+      return;
+    }
     if (this.policyDone) return;
     this.policyDone = true;
     this.handled?.finish(outcome, failed);
@@ -687,7 +684,7 @@ function listenClose(raw: RawResponse, listener: () => void): void {
 
 const RESOLVED = Promise.resolve();
 
-/** The context of an exchange that has not run (never handed to a policy). */
+/** The context of an exchange that has not run, and of routes whose guards never use one. */
 const EMPTY_CONTEXT: CallContext = Object.freeze({});
 
 /** The exchange whose promise is being made (see `captureRun`). */
