@@ -112,40 +112,48 @@ export class FusedSegment {
   begin(call: Call, owner: undefined, fn: InternalFunction<unknown>): FusedCall | Promise<unknown> | Refusal;
   begin(call: Call, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): FusedCall | Promise<unknown> | Refusal {
     const policies = this.policies;
+    const timeoutAt = this.timeoutAt;
     const fused = new FusedCall(this, call);
     let inner = call;
-    for (let i = 0; i < policies.length; i++) {
-      const policy = policies[i]!;
-      if (i === this.timeoutAt) {
-        // The segment's own record is the call the guards inside the timeout see.
-        fused.time(policy as DeadlineGuard);
-        inner = fused;
+    let i = 0;
+    try {
+      for (; i < policies.length; i++) {
+        const policy = policies[i]!;
+        if (i === timeoutAt) {
+          // The segment's own record is the call the guards inside the timeout see.
+          fused.time(policy as DeadlineGuard);
+          inner = fused;
+          fused.entered = i + 1;
+          continue;
+        }
+        const token = (policy as FusableGuard)[enter](inner);
+        if (typeof token === 'symbol' && (token === REFUSED || token === DEFER)) return this.stopped(fused, token, i, inner, owner, fn);
+        fused.setToken(i, token);
         fused.entered = i + 1;
-        continue;
       }
-      let token: unknown;
-      try {
-        token = (policy as FusableGuard)[enter](inner);
-      } catch (error) {
-        // A guard that failed to decide (a key function that threw): the call fails with it.
-        fused.finish(error, true);
-        return new Refusal(error);
-      }
-      if (token === REFUSED) {
-        const error = refusal;
-        refusal = undefined;
-        // The guards outside it hear of the refusal as the call's outcome.
-        fused.finish(error, true);
-        return new Refusal(error);
-      }
-      if (token === DEFER) return fused.answer(runNested(policies, i, fn ?? ((deferred: Call) => owner!.runDeferred(deferred)), inner));
-      fused.setToken(i, token);
-      fused.entered = i + 1;
+    } catch (error) {
+      // A guard that failed to decide (a key function that threw): the call fails with it.
+      fused.finish(error, true);
+      return new Refusal(error);
     }
     // Only now: a call that went the ordinary way above answers its caller through the promise.
     fused.owner = owner;
     return fused;
   }
+
+  // Out of `begin`, which would otherwise pay for a closure context on every call: the
+  // function literal below captures `owner`.
+  private stopped(fused: FusedCall, token: symbol, index: number, inner: Call, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): Promise<unknown> | Refusal {
+    if (token === REFUSED) {
+      const error = refusal;
+      refusal = undefined;
+      // The guards outside it hear of the refusal as the call's outcome.
+      fused.finish(error, true);
+      return new Refusal(error);
+    }
+    return fused.answer(runNested(this.policies, index, fn ?? ((deferred: Call) => owner!.runDeferred(deferred)), inner));
+  }
+
 }
 
 /** What drives a call started with `FusedSegment.begin` without promises. */
@@ -243,7 +251,8 @@ export class FusedCall extends Call implements TimedCall {
 
   /** Hands back the caller's promise for `result`, and arranges for the guards to hear how it ends. */
   answer(result: unknown): Promise<unknown> {
-    const promise = Promise.resolve(result);
+    // Cheaper than Promise.resolve(), which looks up `constructor` to tell a native promise.
+    const promise = result instanceof Promise ? (result as Promise<unknown>) : Promise.resolve(result);
     let answer = promise;
     if (this.timer !== undefined) {
       // Only a timeout can settle the call before the function does: then the caller gets
@@ -253,14 +262,14 @@ export class FusedCall extends Call implements TimedCall {
       return promise;
     }
     // Registered before the caller's `await`: the guards hear of the outcome first.
-    promise.then(
-      (value) => this.settle(value, false),
-      (error: unknown) => this.settle(error, true),
-    );
+    // Bound functions rather than arrow functions: a new closure runs V8's lazy-compile
+    // stub on its first (and only) call, a bound function does not.
+    promise.then(settleFulfilled.bind(this), settleRejected.bind(this));
     return answer;
   }
 
-  private settle(outcome: unknown, failed: boolean): void {
+  /** @internal The function's promise settled (through `answer()`). */
+  settle(outcome: unknown, failed: boolean): void {
     if (this.done) return;
     this.finish(outcome, failed);
     if (this.resolve !== undefined) {
@@ -303,11 +312,20 @@ export class FusedCall extends Call implements TimedCall {
 
   private leaveAll(outcome: unknown, failed: boolean): void {
     const { policies, timeoutAt } = this.segment;
-    for (let i = this.entered - 1; i >= 0; i--) {
-      if (i === timeoutAt) continue;
-      (policies[i] as FusableGuard)[leave](this.token(i), i > timeoutAt && timeoutAt >= 0 ? this : this.outer, outcome, failed);
-    }
+    let i = this.entered - 1;
+    // Inside the timeout, the guards were handed this call; outside it, the caller's.
+    for (; i > timeoutAt && timeoutAt >= 0; i--) (policies[i] as FusableGuard)[leave](this.token(i), this, outcome, failed);
+    if (i === timeoutAt) i--;
+    for (; i >= 0; i--) (policies[i] as FusableGuard)[leave](this.token(i), this.outer, outcome, failed);
   }
+}
+
+function settleFulfilled(this: FusedCall, value: unknown): void {
+  this.settle(value, false);
+}
+
+function settleRejected(this: FusedCall, error: unknown): void {
+  this.settle(error, true);
 }
 
 /**
