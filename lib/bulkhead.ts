@@ -186,6 +186,11 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
   }
 
   private release(): void {
+    // Checked first: shift() would walk the queue's dead slots to find it empty.
+    if (this.waiting.size === 0) {
+      this.running--;
+      return;
+    }
     const next = this.waiting.shift();
     if (next === undefined) {
       this.running--;

@@ -488,7 +488,23 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
   }
 
   private settleResult(admitted: MachineState, result: unknown, start: number): void {
+    if (start !== start && this.isFailureResult === undefined && this.recordedPlainSuccess(admitted)) return;
     this.record(admitted, this.isFailureResult !== undefined && ask(this.isFailureResult, result) ? FAILED : 0, result, start);
+  }
+
+  /**
+   * Most outcomes are untimed successes of a closed breaker that nobody listens to, and
+   * `record` (every state, every rule, the events) is too big for V8 to inline: this is the
+   * part of it such a success takes, small enough to be. Once a count window holds
+   * `minimumCalls`, a success only keeps or lowers both rates, so it needs no verdict.
+   */
+  private recordedPlainSuccess(admitted: MachineState): boolean {
+    const window = this.window;
+    if (admitted !== this.current || admitted.state !== 'closed' || this.events !== undefined || window.needsTime || window.calls < this.minimumCalls) return false;
+    this.successes++;
+    window.record(0, NaN);
+    this.consecutive = 0;
+    return true;
   }
 
   private settleError(admitted: MachineState, error: unknown, start: number): void {

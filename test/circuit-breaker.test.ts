@@ -4,6 +4,10 @@ import { circuitBreaker, CircuitBreaker, type CircuitBreakerOptions } from '../l
 import { ClientDisconnectedError, CircuitOpenError, TimeoutError } from '../lib/errors.js';
 import type { BreakerLink, BreakerPeerHandler, BreakerStore, SharedBreakerState } from '../lib/stores/types.js';
 import { deferred as deferredOf, type Deferred } from './helpers/promises.js';
+import type { Policy } from '../lib/policy.js';
+import { bulkhead } from '../lib/bulkhead.js';
+import { pipeline } from '../lib/pipeline.js';
+import { timeout } from '../lib/timeout.js';
 
 const deferred = <T = string>(): Deferred<T> => deferredOf<T>();
 
@@ -216,6 +220,18 @@ describe('circuitBreaker', () => {
       expect(breaker.stats()).to.include({ calls: 4, failures: 2, state: 'closed' });
       await times(breaker, 1, boom);
       expect(breaker.state).to.equal('open');
+    });
+
+    it('opens on the success that brings the window to minimumCalls, alone or in a pipeline', async () => {
+      for (const wrap of [(b: CircuitBreaker): Policy => b, (b: CircuitBreaker): Policy => pipeline(bulkhead({ limit: 5 }), timeout(1000), b)]) {
+        const breaker = circuitBreaker({ minimumCalls: 4, failureRateThreshold: 50 });
+        const guard = wrap(breaker);
+        for (let i = 0; i < 2; i++) await guard.execute(boom).catch(() => undefined);
+        await guard.execute(ok);
+        expect(breaker.state).to.equal('closed');
+        await guard.execute(ok); // 2 failures of 4: the rate is reached by a success
+        expect(breaker.state).to.equal('open');
+      }
     });
 
     it('lowers minimumCalls to the size of a smaller count window', async () => {
