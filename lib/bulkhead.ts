@@ -125,10 +125,9 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
   }
 
   /** Fused pipelines: a free place is taken at once; anything else goes through `[run]`. */
-  [enter](call: Call): unknown {
+  [enter](_call: Call): unknown {
     if (this.running >= this.limit) return DEFER;
     if (this.hearsOutcomes()) return DEFER;
-    if (call.aborted) return DEFER;
     this.running++;
     this.admitted++;
     this.admittedCall();

@@ -286,7 +286,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
    * Fused pipelines: a closed breaker that needs no timing admits at once and hears the
    * outcome through `[leave]`; every other case goes through `[run]`.
    */
-  [enter](call: Call): unknown {
+  [enter](_call: Call): unknown {
     this.ensureAttached();
     const state = this.current;
     if (state.state === 'open') {
@@ -298,7 +298,6 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
       return DEFER;
     }
     if (state.state !== 'closed' || this.slowCallMs !== Infinity || this.hearsOutcomes()) return DEFER;
-    if (call.aborted) return DEFER;
     this.admittedCall();
     return state;
   }

@@ -41,7 +41,8 @@ export const deadline: unique symbol = Symbol('bulwark.deadline');
 export interface FusableGuard extends Policy {
   /**
    * Admits the call (returns a token for `[leave]`), refuses it (returns `refuse(rejection)`),
-   * or returns `DEFER` to have this call go through `[run]`.
+   * or returns `DEFER` to have this call go through `[run]`. Never asked about a call that
+   * was cancelled before the segment began.
    */
   [enter](call: Call): unknown;
   /** The admitted call ended; called exactly once per admitting `[enter]`. */
@@ -114,6 +115,9 @@ export class FusedSegment {
     const policies = this.policies;
     const timeoutAt = this.timeoutAt;
     const fused = new FusedCall(this, call);
+    // A call cancelled before it began takes the ordinary way, where each guard answers it
+    // as it does any cancelled call; so `[enter]` never has to ask.
+    if (call.aborted) return this.stopped(fused, DEFER, 0, call, owner, fn);
     let inner = call;
     let i = 0;
     try {
