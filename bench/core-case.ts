@@ -143,6 +143,14 @@ async function measureHeap(): Promise<number> {
   return bytes / count;
 }
 
-const result = name.startsWith('heap') ? await measureHeap() : await measureSpeed(speedCase());
+/** For bench/core-instructions.ts: warm up as measureSpeed does, then make exactly `count` calls. */
+async function callTimes(call: () => Promise<unknown>, count: number): Promise<number> {
+  for (let i = 0; i < 300_000; i++) await call();
+  for (let i = 0; i < count; i++) await call();
+  return count;
+}
+
+const calls = process.env.CALLS;
+const result = name.startsWith('heap') ? await measureHeap() : calls !== undefined ? await callTimes(speedCase(), Number(calls)) : await measureSpeed(speedCase());
 console.log(result);
 process.exit(0);

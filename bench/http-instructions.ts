@@ -26,7 +26,7 @@ const dir = mkdtempSync(join(tmpdir(), 'bulwark-callgrind-'));
 
 async function count(framework: Framework, variant: Variant): Promise<number> {
   const out = join(dir, `${framework}.${variant}.out`);
-  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, '--predictable', '--import', 'tsx', `${here}http-server.ts`, framework, variant];
+  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, '--single-threaded', '--predictable', '--hash-seed=1', '--random-seed=1', '--import', 'tsx', `${here}http-server.ts`, framework, variant];
   const child = spawn('valgrind', args, { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], env: { ...process.env, NODE_ENV: 'production' } });
   const [ready] = (await once(child, 'message')) as [{ port: number }];
   const url = `http://127.0.0.1:${ready.port}/`;
