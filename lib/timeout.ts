@@ -72,7 +72,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
     this.calls++;
-    const pending = new PendingCall(call.scope);
+    const pending = new PendingCall(this, call.scope);
     const promise = promiseFor<T>(pending);
     // Listeners get durations, which need a start stamped precisely.
     this.deadlines.push(pending, this.hearsOutcomes());
@@ -84,10 +84,8 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
       return promise;
     }
     if (isThenable(result)) {
-      result.then(
-        (value) => this.settle(pending, value, false),
-        (error) => this.settle(pending, error, true),
-      );
+      // Bound functions rather than arrow functions: see FusedCall.answer().
+      result.then(settleFulfilled.bind(pending), settleRejected.bind(pending));
     } else {
       this.settle(pending, result, false);
     }
@@ -104,8 +102,8 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     this.deadlines.push(entry, this.hearsOutcomes());
   }
 
-  /** The function settled, one way or the other; ignored once the deadline has passed. */
-  private settle(pending: PendingCall, outcome: unknown, failed: boolean): void {
+  /** @internal The function settled, one way or the other; ignored once the deadline has passed. */
+  settle(pending: PendingCall, outcome: unknown, failed: boolean): void {
     if (!this.finish(pending, outcome, failed)) return;
     if (failed) pending.reject!(outcome);
     else pending.resolve!(outcome);
@@ -147,6 +145,13 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
  * deadline-queue entry, and holds the settle functions of the promise the caller awaits.
  */
 class PendingCall extends Scope implements TimedCall {
+  constructor(
+    readonly timer: Timeout,
+    parent: Scope | undefined,
+  ) {
+    super(parent);
+  }
+
   deadline = 0;
   /** In the deadline queue: neither settled nor expired yet. */
   queued = false;
@@ -160,6 +165,14 @@ class PendingCall extends Scope implements TimedCall {
     this.dispose();
     this.reject!(error);
   }
+}
+
+function settleFulfilled(this: PendingCall, value: unknown): void {
+  this.timer.settle(this, value, false);
+}
+
+function settleRejected(this: PendingCall, error: unknown): void {
+  this.timer.settle(this, error, true);
 }
 
 function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
