@@ -265,7 +265,9 @@ export class Exchange implements SegmentOwner {
     // and it reads the request): they share one frozen empty context.
     const context: CallContext = this.guard.exposesRequest ? { request: this.request } : EMPTY_CONTEXT;
     this.callContext = context;
-    listenClose(this.target.raw, this.onClose);
+    // A bound function rather than an arrow-function field: no closure context, and no run
+    // through V8's lazy-compile stub, on every request.
+    listenClose(this.target.raw, closed.bind(this));
     const call = new Call(this.scope, 1, context);
     const segment = this.guard.segment;
     let outcome: Promise<unknown>;
@@ -486,7 +488,8 @@ export class Exchange implements SegmentOwner {
     this.target.raw.destroy();
   }
 
-  private readonly onClose = (): void => {
+  /** @internal The response closed: finished, or the connection went away first. */
+  onClose(): void {
     this.closed = true;
     const raw = this.target.raw;
     if (!raw.writableEnded && !this.destroyedByGuard) {
@@ -508,7 +511,7 @@ export class Exchange implements SegmentOwner {
     else if (this.failedStatus !== 0) this.rejectHandler(withoutStack(() => new FailedResponseError(this.failedStatus)));
     else if (this.phase === RUNNING && this.guard.failed(raw.statusCode, undefined)) this.rejectHandler(withoutStack(() => new FailedResponseError(raw.statusCode)));
     else this.resolveHandler();
-  };
+  }
 
   private onResolved(value: unknown): void {
     if (this.answerStands) this.markDecided();
@@ -668,6 +671,10 @@ export class Exchange implements SegmentOwner {
     exchange.resolveDecision = resolve;
     exchange.rejectDecision = reject;
   }
+}
+
+function closed(this: Exchange): void {
+  this.onClose();
 }
 
 const on = EventEmitter.prototype.on;
