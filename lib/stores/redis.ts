@@ -6,7 +6,7 @@ import { memoryStore } from './memory.js';
 import { BreakerSync, escapeName } from './redis/breakers.js';
 import type { RedisCallback, RedisClientLike } from './redis/client.js';
 import { Connection, type RedisStoreEvents, type RedisStoreLogger, type RedisTimeoutError, type TimedCommand } from './redis/connection.js';
-import { isNoScript, slidingWindowScript, tokenBucketScript, type Script } from './redis/scripts.js';
+import { decodeReply, isNoScript, replyRadix, slidingWindowScript, tokenBucketScript, type Script } from './redis/scripts.js';
 import type { BreakerLink, BreakerPeerHandler, BreakerStore, RateLimitDecision, RateLimitRule, RateLimitStore } from './types.js';
 
 export type { RedisArgument, RedisCallback, RedisClientLike, RedisSubscriberClient } from './redis/client.js';
@@ -58,10 +58,10 @@ interface Limiter {
   readonly rule: RateLimitRule;
   /** Every key of the limiter starts with this. */
   readonly base: string;
+  /** The limiter's own script: its limit and window are written into it. */
   readonly script: Script;
-  // As strings once, rather than converted by the client on every call.
-  readonly limit: string;
-  readonly windowMs: string;
+  /** See decodeReply. */
+  readonly radix: number;
 }
 
 type Settle<T> = (value: T | PromiseLike<T>) => void;
@@ -165,7 +165,7 @@ export class RedisStore implements RateLimitStore, BreakerStore {
     if (this.closed || !this.connection.begin()) return this.fallback(rule, key);
     return new Promise<RateLimitDecision>((resolve, reject) => {
       const decision = new Decision(this.connection, limiter, key, this.fallback, resolve, reject);
-      this.connection.send(decision, limiter.script, decision.key, limiter.limit, limiter.windowMs, decision.callback);
+      this.connection.send(decision, limiter.script, decision.key, decision.callback);
     });
   }
 
@@ -218,9 +218,8 @@ export class RedisStore implements RateLimitStore, BreakerStore {
       const created: Limiter = {
         rule,
         base: `${this.prefix}${bucket ? 'tb' : 'sw'}:${escapeName(rule.name)}:`,
-        script: bucket ? tokenBucketScript : slidingWindowScript,
-        limit: String(rule.limit),
-        windowMs: String(rule.windowMs),
+        script: (bucket ? tokenBucketScript : slidingWindowScript)(rule.limit, rule.windowMs),
+        radix: replyRadix(rule.windowMs),
       };
       this.limiters.set(rule.name, created);
       return created;
@@ -274,8 +273,7 @@ class Decision implements TimedCommand {
       // whole, once, within the same time bound.
       if (!this.reloaded && isNoScript(error) && this.phase !== 2) {
         this.reloaded = true;
-        const limiter = this.limiter;
-        connection.client.eval(limiter.script.body, 1, this.key, limiter.limit, limiter.windowMs, this.callback);
+        connection.client.eval(this.limiter.script.body, 1, this.key, this.callback);
         return;
       }
       if (!connection.settle(this)) return;
@@ -285,7 +283,8 @@ class Decision implements TimedCommand {
     }
     if (!connection.settle(this)) return;
     connection.succeeded();
-    const decision = toDecision(reply, this.limiter.rule.limit);
+    const limiter = this.limiter;
+    const decision = decodeReply(reply, limiter.rule.limit, limiter.radix);
     if (decision !== undefined) {
       this.resolve(decision);
       return;
@@ -309,13 +308,6 @@ class Decision implements TimedCommand {
       this.reject(error);
     }
   }
-}
-
-function toDecision(reply: unknown, limit: number): RateLimitDecision | undefined {
-  if (!Array.isArray(reply) || reply.length !== 4) return undefined;
-  const [allowed, remaining, resetMs, retryAfterMs] = reply as unknown[];
-  if (typeof allowed !== 'number' || typeof remaining !== 'number' || typeof resetMs !== 'number' || typeof retryAfterMs !== 'number') return undefined;
-  return { allowed: allowed === 1, limit, remaining, resetMs, retryAfterMs };
 }
 
 function sameSettings(a: RateLimitRule, b: RateLimitRule): boolean {
