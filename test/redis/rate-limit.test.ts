@@ -193,7 +193,7 @@ describe('redisStore: rate limits', function () {
       const edits: Array<[string, string]> = [
         ["redis.call('TIME')", '{ARGV[1], ARGV[2]}'],
         // sliding window: an absolute expiry
-        ["redis.call('PEXPIREAT', key, start + 2 * windowMs)", "redis.call('SET', key .. ':ttl', start + 2 * windowMs - now)"],
+        ["redis.call('PEXPIREAT', key, string.format('%d', start + 2 * windowMs))", "redis.call('SET', key .. ':ttl', start + 2 * windowMs - now)"],
         // token bucket: a relative one (a missing key, and any other)
         [", 'PX', ttl)", ") redis.call('SET', key .. ':ttl', ttl)"],
       ];
