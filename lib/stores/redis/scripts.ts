@@ -59,7 +59,10 @@ export function replyRadix(windowMs: number): number {
 }
 
 // A limit and a window are positive safe integers (rateLimit checks), so String() writes
-// them as Lua reads them.
+// them as Lua reads them. One script per setting rather than per call: a service has a few
+// settings, and Redis keeps each script it is sent (recent versions drop the least
+// recently used of more than 500 sent with EVAL, redis/redis#13108; the store then sends it
+// again: NOSCRIPT → EVAL).
 function constants(limit: number, windowMs: number): string {
   return `local limit = ${String(limit)}
 local windowMs = ${String(windowMs)}
