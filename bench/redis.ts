@@ -3,6 +3,13 @@
 // the same Redis; rounds are interleaved (and the order flips every round) so that drift of
 // a shared machine hits both alike; the table reports the median of the rounds.
 //
+// A second table gives what each decision cost in CPU time: this process's (Node), the
+// Redis server's (INFO cpu: script, protocol and system calls) and the script's alone
+// (INFO commandstats, evalsha). Throughput on a busy machine swings with what else runs;
+// CPU time per decision much less, so it says where a difference comes from. The counters
+// are read between rounds, so a Redis that other clients use at the same time inflates the
+// Redis columns.
+//
 // Run with `npm run bench:redis` (Redis at REDIS_URL, default redis://127.0.0.1:6379).
 // ROUNDS (default 5) and ROUND_MS (default 1000) tune the run.
 import { execFileSync } from 'node:child_process';
@@ -29,6 +36,23 @@ interface Contender {
 interface Sample {
   perSecond: number;
   p99Ms: number;
+  /** CPU time per decision, µs: this process, the Redis server, the scripts (evalsha). */
+  nodeUs: number;
+  redisUs: number;
+  scriptUs: number;
+}
+
+interface RedisCounters {
+  cpuUs: number;
+  evalshaUs: number;
+}
+
+/** The Redis server's CPU time so far, and the time its EVALSHA calls took. */
+async function redisCounters(client: Redis): Promise<RedisCounters> {
+  const info = (await client.info('cpu')) + (await client.info('commandstats'));
+  const field = (name: string): number => Number(info.match(new RegExp(`^${name}:([\\d.]+)`, 'm'))?.[1] ?? NaN);
+  const evalsha = info.match(/^cmdstat_evalsha:calls=\d+,usec=(\d+)/m);
+  return { cpuUs: (field('used_cpu_user') + field('used_cpu_sys')) * 1e6, evalshaUs: evalsha ? Number(evalsha[1]) : 0 };
 }
 
 async function connect(): Promise<Redis> {
@@ -51,6 +75,8 @@ function flexible(client: Redis): Contender {
 
 async function measure(decide: Decide, concurrency: number): Promise<Sample> {
   const latencies = new Float64Array(4_000_000);
+  const redisBefore = await redisCounters(admin);
+  const cpuBefore = process.cpuUsage();
   let count = 0;
   let next = 0;
   const stopAt = performance.now() + ROUND_MS;
@@ -65,8 +91,16 @@ async function measure(decide: Decide, concurrency: number): Promise<Sample> {
   const start = performance.now();
   await Promise.all(Array.from({ length: concurrency }, worker));
   const elapsed = performance.now() - start;
+  const cpu = process.cpuUsage(cpuBefore);
+  const redisAfter = await redisCounters(admin);
   const sorted = latencies.subarray(0, count).sort();
-  return { perSecond: (count / elapsed) * 1000, p99Ms: sorted[Math.floor(count * 0.99)]! };
+  return {
+    perSecond: (count / elapsed) * 1000,
+    p99Ms: sorted[Math.floor(count * 0.99)]!,
+    nodeUs: (cpu.user + cpu.system) / count,
+    redisUs: (redisAfter.cpuUs - redisBefore.cpuUs) / count,
+    scriptUs: (redisAfter.evalshaUs - redisBefore.evalshaUs) / count,
+  };
 }
 
 const median = (values: number[]): number => {
@@ -85,6 +119,7 @@ function redisVersion(): string {
 
 const clients = await Promise.all([connect(), connect(), connect(), connect()]);
 const contenders = [bulwark(clients[0]!, 'sliding-window'), bulwark(clients[1]!, 'token-bucket'), flexible(clients[2]!)];
+// Reads the server's counters between rounds, and cleans up at the end.
 const admin = clients[3]!;
 const load = loadavg()[0]!.toFixed(2);
 
@@ -115,6 +150,18 @@ for (const concurrency of CONCURRENCY) {
   const cells = contenders.map((c) => {
     const list = samples.get(`${c.name}@${concurrency}`)!;
     return `${fmt(median(list.map((s) => s.perSecond)))}/s, ${median(list.map((s) => s.p99Ms)).toFixed(2)} ms`;
+  });
+  console.log(`| ${concurrency} | ${cells.join(' | ')} |`);
+}
+
+console.log('\nCPU time per decision, µs (median of the rounds): Node (this process) / Redis server / of which the script (evalsha).\n');
+console.log('| concurrency | ' + contenders.map((c) => c.name).join(' | ') + ' |');
+console.log('|---:|' + contenders.map(() => '---:').join('|') + '|');
+for (const concurrency of CONCURRENCY) {
+  const cells = contenders.map((c) => {
+    const list = samples.get(`${c.name}@${concurrency}`)!;
+    const us = (pick: (s: Sample) => number): string => median(list.map(pick)).toFixed(2);
+    return `${us((s) => s.nodeUs)} / ${us((s) => s.redisUs)} / ${us((s) => s.scriptUs)}`;
   });
   console.log(`| ${concurrency} | ${cells.join(' | ')} |`);
 }
