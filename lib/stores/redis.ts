@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { OverloadError, withoutStack } from '../errors.js';
 import { Emitter, type Unsubscribe } from '../events.js';
+import { promiseFor, type Settlers } from '../settlers.js';
 import * as validate from '../validate.js';
 import { memoryStore } from './memory.js';
 import { BreakerSync, escapeName } from './redis/breakers.js';
@@ -63,8 +64,6 @@ interface Limiter {
   /** See decodeReply. */
   readonly radix: number;
 }
-
-type Settle<T> = (value: T | PromiseLike<T>) => void;
 
 /**
  * Shares rate limits and circuit breakers between the instances of a service through Redis
@@ -163,10 +162,10 @@ export class RedisStore implements RateLimitStore, BreakerStore {
   consume(rule: RateLimitRule, key: string): RateLimitDecision | Promise<RateLimitDecision> {
     const limiter = this.limiter(rule);
     if (this.closed || !this.connection.begin()) return this.fallback(rule, key);
-    return new Promise<RateLimitDecision>((resolve, reject) => {
-      const decision = new Decision(this.connection, limiter, key, this.fallback, resolve, reject);
-      this.connection.send(decision, limiter.script, decision.key, decision.callback);
-    });
+    const decision = new Decision(this.connection, limiter, key, this.fallback);
+    const promise = promiseFor<RateLimitDecision>(decision);
+    this.connection.send(decision, limiter.script, decision.key, decision.callback);
+    return promise;
   }
 
   /**
@@ -241,8 +240,8 @@ export class RedisStore implements RateLimitStore, BreakerStore {
   };
 }
 
-/** One rate-limit decision on its way through Redis. */
-class Decision implements TimedCommand {
+/** One rate-limit decision on its way through Redis; it holds its promise's settlers. */
+class Decision implements TimedCommand, Settlers {
   phase: 0 | 1 | 2 = 0;
   deadline = 0;
   older: TimedCommand | undefined = undefined;
@@ -250,6 +249,8 @@ class Decision implements TimedCommand {
   readonly key: string;
   /** What the client calls with the reply. */
   readonly callback: RedisCallback;
+  resolve: ((value: unknown) => void) | undefined = undefined;
+  reject: ((error: unknown) => void) | undefined = undefined;
   private reloaded = false;
 
   constructor(
@@ -257,8 +258,6 @@ class Decision implements TimedCommand {
     private readonly limiter: Limiter,
     private readonly localKey: string,
     private readonly fallback: (rule: RateLimitRule, key: string) => RateLimitDecision | Promise<RateLimitDecision>,
-    private readonly resolve: Settle<RateLimitDecision>,
-    private readonly reject: (reason: unknown) => void,
   ) {
     this.key = limiter.base + localKey;
     // Made here rather than as a class field: one small closure, and no per-instance
@@ -286,7 +285,7 @@ class Decision implements TimedCommand {
     const limiter = this.limiter;
     const decision = decodeReply(reply, limiter.rule.limit, limiter.radix);
     if (decision !== undefined) {
-      this.resolve(decision);
+      this.resolve!(decision);
       return;
     }
     connection.report(new Error(`unexpected reply to the rate-limit script: ${JSON.stringify(reply)}`), 'rate-limit');
@@ -303,9 +302,9 @@ class Decision implements TimedCommand {
 
   private decideLocally(): void {
     try {
-      this.resolve(this.fallback(this.limiter.rule, this.localKey));
+      this.resolve!(this.fallback(this.limiter.rule, this.localKey));
     } catch (error) {
-      this.reject(error);
+      this.reject!(error);
     }
   }
 }
