@@ -158,7 +158,7 @@ describe('redisStore: rate limits', function () {
     expect(() => store!.consume(rule('sliding-window', 6, 1000, 'same'), 'k')).to.throw(TypeError, /different settings/);
   });
 
-  it('decides exactly with limits and windows too large for a packed reply', async () => {
+  it('answers with a table where one integer would not be exact (huge limits and windows)', async () => {
     const [store] = await instances(1);
     // remaining × (2 × windowMs + 1) is past 2^53 here, and so is retryAfterMs × the radix
     // below: the scripts answer with a table instead of one integer.

@@ -14,10 +14,10 @@ import type { RedisArgument, RedisClientLike } from './client.js';
 // give the same results.
 //
 // Redis runs the decisions of every instance on one core, so the scripts are written for
-// what Redis spends per call (instructions counted with callgrind, Redis 7.0): 4–6k per
-// redis.call() (11k for SET with PX), 1.2k per argument of EVALSHA, 5k to turn a returned
-// table into a reply, 1–4k to parse or print a decimal number, 0.4k per call of a C
-// function such as math.floor. Hence:
+// what Redis spends per call (instructions counted with callgrind, Redis 7.0): 13k to run a
+// script at all, 4–6k per redis.call() (13k for a SET with an expiry), 1.2k per argument
+// of EVALSHA, 5k to turn a returned table into a reply, 1–4k to parse or print a decimal
+// number, 0.4k per call of a C function such as math.floor. Hence:
 // - the limit and the window are literals in a script of each limiter's own, not arguments;
 // - state is one string of packed doubles (struct), read with GET and never parsed or
 //   printed as decimal text: exact to the last bit, and cheaper than a hash;
