@@ -1,7 +1,8 @@
 // Rate-limit decisions through Redis: bulwark's redisStore against rate-limiter-flexible's
 // RateLimiterRedis, at concurrency 1, 16 and 128. Both use their own ioredis connection to
-// the same Redis; rounds are interleaved (and the order flips every round) so that drift of
-// a shared machine hits both alike; the table reports the median of the rounds.
+// the same Redis; each round is taken in slices, the contenders alternating (the order flips
+// every slice), so that drift of a shared machine hits all alike; the table reports the
+// median of the rounds.
 //
 // A second table gives what each decision cost in CPU time: this process's (Node), the
 // Redis server's (INFO cpu: script, protocol and system calls) and the script's alone
@@ -11,7 +12,7 @@
 // Redis columns.
 //
 // Run with `npm run bench:redis` (Redis at REDIS_URL, default redis://127.0.0.1:6379).
-// ROUNDS (default 5) and ROUND_MS (default 1000) tune the run.
+// ROUNDS (default 5), ROUND_MS (default 1000) and SLICES (default 5) tune the run.
 import { execFileSync } from 'node:child_process';
 import { cpus, loadavg } from 'node:os';
 import { Redis } from 'ioredis';
@@ -22,6 +23,10 @@ import type { RateLimitAlgorithm, RateLimitRule } from '../lib/stores/types.js';
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const ROUNDS = Number(process.env.ROUNDS ?? 5);
 const ROUND_MS = Number(process.env.ROUND_MS ?? 1000);
+// Each round gives every contender ROUND_MS in SLICES turns taken alternately, so that a
+// change in the machine's load (a shared machine's other work starting or stopping) falls
+// on all of them alike rather than on whichever had the round at that moment.
+const SLICES = Number(process.env.SLICES ?? 5);
 const CONCURRENCY = [1, 16, 128];
 const KEYS = Array.from({ length: 1000 }, (_, i) => `client-${i}`);
 const PREFIX = `bulwark-bench:${process.pid}:`;
@@ -73,33 +78,53 @@ function flexible(client: Redis): Contender {
   return { name: 'rate-limiter-flexible RateLimiterRedis', decide: (key) => limiter.consume(key) };
 }
 
-async function measure(decide: Decide, concurrency: number): Promise<Sample> {
-  const latencies = new Float64Array(4_000_000);
+/** One contender's decisions in one round, over its slices. */
+interface Tally {
+  count: number;
+  elapsedMs: number;
+  readonly latencies: Float64Array;
+  cpuUs: number;
+  redisUs: number;
+  scriptUs: number;
+}
+
+function tally(latencies: Float64Array): Tally {
+  return { count: 0, elapsedMs: 0, latencies, cpuUs: 0, redisUs: 0, scriptUs: 0 };
+}
+
+/** Decides for `ms` at `concurrency`, adding to `into`. */
+async function measure(decide: Decide, concurrency: number, ms: number, into: Tally): Promise<void> {
+  const latencies = into.latencies;
   const redisBefore = await redisCounters(admin);
   const cpuBefore = process.cpuUsage();
-  let count = 0;
   let next = 0;
-  const stopAt = performance.now() + ROUND_MS;
+  const stopAt = performance.now() + ms;
   const worker = async (): Promise<void> => {
     while (performance.now() < stopAt) {
       const key = KEYS[next++ % KEYS.length]!;
       const start = performance.now();
       await decide(key);
-      latencies[count++] = performance.now() - start;
+      latencies[into.count++] = performance.now() - start;
     }
   };
   const start = performance.now();
   await Promise.all(Array.from({ length: concurrency }, worker));
-  const elapsed = performance.now() - start;
+  into.elapsedMs += performance.now() - start;
   const cpu = process.cpuUsage(cpuBefore);
   const redisAfter = await redisCounters(admin);
-  const sorted = latencies.subarray(0, count).sort();
+  into.cpuUs += cpu.user + cpu.system;
+  into.redisUs += redisAfter.cpuUs - redisBefore.cpuUs;
+  into.scriptUs += redisAfter.evalshaUs - redisBefore.evalshaUs;
+}
+
+function sample(t: Tally): Sample {
+  const sorted = t.latencies.subarray(0, t.count).sort();
   return {
-    perSecond: (count / elapsed) * 1000,
-    p99Ms: sorted[Math.floor(count * 0.99)]!,
-    nodeUs: (cpu.user + cpu.system) / count,
-    redisUs: (redisAfter.cpuUs - redisBefore.cpuUs) / count,
-    scriptUs: (redisAfter.evalshaUs - redisBefore.evalshaUs) / count,
+    perSecond: (t.count / t.elapsedMs) * 1000,
+    p99Ms: sorted[Math.floor(t.count * 0.99)]!,
+    nodeUs: t.cpuUs / t.count,
+    redisUs: t.redisUs / t.count,
+    scriptUs: t.scriptUs / t.count,
   };
 }
 
@@ -123,17 +148,23 @@ const contenders = [bulwark(clients[0]!, 'sliding-window'), bulwark(clients[1]!,
 const admin = clients[3]!;
 const load = loadavg()[0]!.toFixed(2);
 
+const latencies = contenders.map(() => new Float64Array(4_000_000));
+
 // Warm up: JIT, script caches, connections.
-for (const contender of contenders) await measure(contender.decide, 16);
+for (const [i, contender] of contenders.entries()) await measure(contender.decide, 16, ROUND_MS, tally(latencies[i]!));
 
 const samples = new Map<string, Sample[]>();
 for (const concurrency of CONCURRENCY) {
   for (let round = 0; round < ROUNDS; round++) {
-    const order = round % 2 === 0 ? contenders : [...contenders].reverse();
-    for (const contender of order) {
+    const tallies = latencies.map(tally);
+    for (let slice = 0; slice < SLICES; slice++) {
+      const order = (round * SLICES + slice) % 2 === 0 ? [...contenders.keys()] : [...contenders.keys()].reverse();
+      for (const i of order) await measure(contenders[i]!.decide, concurrency, ROUND_MS / SLICES, tallies[i]!);
+    }
+    for (const [i, contender] of contenders.entries()) {
       const key = `${contender.name}@${concurrency}`;
       const list = samples.get(key) ?? [];
-      list.push(await measure(contender.decide, concurrency));
+      list.push(sample(tallies[i]!));
       samples.set(key, list);
     }
   }
@@ -142,7 +173,7 @@ for (const concurrency of CONCURRENCY) {
 const fmt = (n: number): string => Math.round(n).toLocaleString('en-US');
 console.log(
   `\nRate-limit decisions through Redis ${redisVersion()} on loopback; Node ${process.version}, ${cpus().length} × ${cpus()[0]?.model.trim()}, ` +
-    `load average ${load} at start; median of ${ROUNDS} interleaved rounds of ${ROUND_MS} ms, 1000 keys.\n`,
+    `load average ${load} at start; median of ${ROUNDS} interleaved rounds of ${ROUND_MS} ms (in ${SLICES} alternating slices), 1000 keys.\n`,
 );
 console.log('| concurrency | ' + contenders.map((c) => `${c.name}: decisions/s, p99`).join(' | ') + ' |');
 console.log('|---:|' + contenders.map(() => '---:').join('|') + '|');
