@@ -1,12 +1,13 @@
 import { randomBytes } from 'node:crypto';
 import { OverloadError, withoutStack } from '../errors.js';
 import { Emitter, type Unsubscribe } from '../events.js';
+import { promiseFor, type Settlers } from '../settlers.js';
 import * as validate from '../validate.js';
 import { memoryStore } from './memory.js';
 import { BreakerSync, escapeName } from './redis/breakers.js';
 import type { RedisCallback, RedisClientLike } from './redis/client.js';
 import { Connection, type RedisStoreEvents, type RedisStoreLogger, type RedisTimeoutError, type TimedCommand } from './redis/connection.js';
-import { isNoScript, slidingWindowScript, tokenBucketScript, type Script } from './redis/scripts.js';
+import { decodeReply, isNoScript, replyRadix, slidingWindowScript, tokenBucketScript, type Script } from './redis/scripts.js';
 import type { BreakerLink, BreakerPeerHandler, BreakerStore, RateLimitDecision, RateLimitRule, RateLimitStore } from './types.js';
 
 export type { RedisArgument, RedisCallback, RedisClientLike, RedisSubscriberClient } from './redis/client.js';
@@ -58,13 +59,11 @@ interface Limiter {
   readonly rule: RateLimitRule;
   /** Every key of the limiter starts with this. */
   readonly base: string;
+  /** The limiter's own script: its limit and window are written into it. */
   readonly script: Script;
-  // As strings once, rather than converted by the client on every call.
-  readonly limit: string;
-  readonly windowMs: string;
+  /** See decodeReply. */
+  readonly radix: number;
 }
-
-type Settle<T> = (value: T | PromiseLike<T>) => void;
 
 /**
  * Shares rate limits and circuit breakers between the instances of a service through Redis
@@ -163,10 +162,10 @@ export class RedisStore implements RateLimitStore, BreakerStore {
   consume(rule: RateLimitRule, key: string): RateLimitDecision | Promise<RateLimitDecision> {
     const limiter = this.limiter(rule);
     if (this.closed || !this.connection.begin()) return this.fallback(rule, key);
-    return new Promise<RateLimitDecision>((resolve, reject) => {
-      const decision = new Decision(this.connection, limiter, key, this.fallback, resolve, reject);
-      this.connection.send(decision, limiter.script, decision.key, limiter.limit, limiter.windowMs, decision.callback);
-    });
+    const decision = new Decision(this.connection, limiter, key, this.fallback);
+    const promise = promiseFor<RateLimitDecision>(decision);
+    this.connection.send(decision, limiter.script, decision.key, decision.callback);
+    return promise;
   }
 
   /**
@@ -218,9 +217,8 @@ export class RedisStore implements RateLimitStore, BreakerStore {
       const created: Limiter = {
         rule,
         base: `${this.prefix}${bucket ? 'tb' : 'sw'}:${escapeName(rule.name)}:`,
-        script: bucket ? tokenBucketScript : slidingWindowScript,
-        limit: String(rule.limit),
-        windowMs: String(rule.windowMs),
+        script: (bucket ? tokenBucketScript : slidingWindowScript)(rule.limit, rule.windowMs),
+        radix: replyRadix(rule.windowMs),
       };
       this.limiters.set(rule.name, created);
       return created;
@@ -242,8 +240,8 @@ export class RedisStore implements RateLimitStore, BreakerStore {
   };
 }
 
-/** One rate-limit decision on its way through Redis. */
-class Decision implements TimedCommand {
+/** One rate-limit decision on its way through Redis; it holds its promise's settlers. */
+class Decision implements TimedCommand, Settlers {
   phase: 0 | 1 | 2 = 0;
   deadline = 0;
   older: TimedCommand | undefined = undefined;
@@ -251,6 +249,8 @@ class Decision implements TimedCommand {
   readonly key: string;
   /** What the client calls with the reply. */
   readonly callback: RedisCallback;
+  resolve: ((value: unknown) => void) | undefined = undefined;
+  reject: ((error: unknown) => void) | undefined = undefined;
   private reloaded = false;
 
   constructor(
@@ -258,8 +258,6 @@ class Decision implements TimedCommand {
     private readonly limiter: Limiter,
     private readonly localKey: string,
     private readonly fallback: (rule: RateLimitRule, key: string) => RateLimitDecision | Promise<RateLimitDecision>,
-    private readonly resolve: Settle<RateLimitDecision>,
-    private readonly reject: (reason: unknown) => void,
   ) {
     this.key = limiter.base + localKey;
     // Made here rather than as a class field: one small closure, and no per-instance
@@ -274,8 +272,7 @@ class Decision implements TimedCommand {
       // whole, once, within the same time bound.
       if (!this.reloaded && isNoScript(error) && this.phase !== 2) {
         this.reloaded = true;
-        const limiter = this.limiter;
-        connection.client.eval(limiter.script.body, 1, this.key, limiter.limit, limiter.windowMs, this.callback);
+        connection.client.eval(this.limiter.script.body, 1, this.key, this.callback);
         return;
       }
       if (!connection.settle(this)) return;
@@ -285,9 +282,10 @@ class Decision implements TimedCommand {
     }
     if (!connection.settle(this)) return;
     connection.succeeded();
-    const decision = toDecision(reply, this.limiter.rule.limit);
+    const limiter = this.limiter;
+    const decision = decodeReply(reply, limiter.rule.limit, limiter.radix);
     if (decision !== undefined) {
-      this.resolve(decision);
+      this.resolve!(decision);
       return;
     }
     connection.report(new Error(`unexpected reply to the rate-limit script: ${JSON.stringify(reply)}`), 'rate-limit');
@@ -304,18 +302,11 @@ class Decision implements TimedCommand {
 
   private decideLocally(): void {
     try {
-      this.resolve(this.fallback(this.limiter.rule, this.localKey));
+      this.resolve!(this.fallback(this.limiter.rule, this.localKey));
     } catch (error) {
-      this.reject(error);
+      this.reject!(error);
     }
   }
-}
-
-function toDecision(reply: unknown, limit: number): RateLimitDecision | undefined {
-  if (!Array.isArray(reply) || reply.length !== 4) return undefined;
-  const [allowed, remaining, resetMs, retryAfterMs] = reply as unknown[];
-  if (typeof allowed !== 'number' || typeof remaining !== 'number' || typeof resetMs !== 'number' || typeof retryAfterMs !== 'number') return undefined;
-  return { allowed: allowed === 1, limit, remaining, resetMs, retryAfterMs };
 }
 
 function sameSettings(a: RateLimitRule, b: RateLimitRule): boolean {

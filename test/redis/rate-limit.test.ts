@@ -7,7 +7,7 @@ import type { CallContext } from '../../lib/policy.js';
 import { rateLimit } from '../../lib/rate-limit.js';
 import { slidingWindowConsume, slidingWindowIdle, tokenBucketConsume, tokenBucketIdle, type SlidingWindowState, type TokenBucketState } from '../../lib/stores/algorithms.js';
 import type { RedisStore } from '../../lib/stores/redis.js';
-import { slidingWindowScript, tokenBucketScript, type Script } from '../../lib/stores/redis/scripts.js';
+import { decodeReply, replyRadix, slidingWindowScript, tokenBucketScript, type Script } from '../../lib/stores/redis/scripts.js';
 import type { RateLimitAlgorithm, RateLimitDecision, RateLimitRule } from '../../lib/stores/types.js';
 import { keysUnder, sharedRedisInstances } from './setup.js';
 
@@ -158,22 +158,47 @@ describe('redisStore: rate limits', function () {
     expect(() => store!.consume(rule('sliding-window', 6, 1000, 'same'), 'k')).to.throw(TypeError, /different settings/);
   });
 
+  it('answers with a table where one integer would not be exact (huge limits and windows)', async () => {
+    const [store] = await instances(1);
+    // remaining × (2 × windowMs + 1) is past 2^53 here, and so is retryAfterMs × the radix
+    // below: the scripts answer with a table instead of one integer.
+    const huge = 2 ** 52;
+    for (const algorithm of ['sliding-window', 'token-bucket'] as const) {
+      const big = rule(algorithm, huge, 1000, `huge-limit-${algorithm}`);
+      const first = await store!.consume(big, 'k');
+      expect(first).to.include({ allowed: true, limit: huge, remaining: huge - 1, retryAfterMs: 0 });
+      expect(first.resetMs).to.be.within(1, 2000);
+      // A key that exists (a bucket refills 2^52 tokens a second, so it may be full again).
+      const second = await store!.consume(big, 'k');
+      expect(second).to.include({ allowed: true, limit: huge, retryAfterMs: 0 });
+      expect(second.remaining).to.be.oneOf([huge - 1, huge - 2]);
+      expect(second.resetMs).to.be.within(1, 2000);
+      const long = rule(algorithm, 1, 2 ** 40, `huge-window-${algorithm}`);
+      expect(await store!.consume(long, 'k')).to.include({ allowed: true, remaining: 0 });
+      const refused = await store!.consume(long, 'k');
+      expect(refused).to.include({ allowed: false, remaining: 0 });
+      expect(refused.retryAfterMs).to.be.within(2 ** 40 - 60_000, 2 ** 41);
+      expect(refused.resetMs).to.be.within(2 ** 40 - 60_000, 2 ** 41);
+    }
+    expect(store!.stats()).to.include({ errors: 0, fallbacks: 0 });
+  });
+
   describe('the Lua scripts are faithful ports of lib/stores/algorithms.ts', () => {
-    // The same scripts with the time passed in (ARGV[3] s, ARGV[4] µs) instead of read from
+    // The same scripts with the time passed in (ARGV[1] s, ARGV[2] µs) instead of read from
     // TIME, so that Redis and the pure functions can be fed the same clock. Redis expires
     // keys by its real clock, which this test does not drive, so the expiry a script sets
     // is recorded in `<key>:ttl` (as ms from now) instead, and checked against the
     // algorithm's idle rule.
     function withTime(script: Script): string {
       const edits: Array<[string, string]> = [
-        ["redis.call('TIME')", '{ARGV[3], ARGV[4]}'],
+        ["redis.call('TIME')", '{ARGV[1], ARGV[2]}'],
         // sliding window: an absolute expiry
-        ["redis.call('PEXPIREAT', key, start + 2 * windowMs)", "redis.call('SET', key .. ':ttl', start + 2 * windowMs - now)"],
-        // token bucket: a relative one
-        [", 'PX', math.max(1, reset))", ") redis.call('SET', key .. ':ttl', math.max(1, reset))"],
+        ["redis.call('PEXPIREAT', key, string.format('%d', start + 2 * windowMs))", "redis.call('SET', key .. ':ttl', start + 2 * windowMs - now)"],
+        // token bucket: a relative one (a missing key, and any other)
+        [", 'PX', ttl)", ") redis.call('SET', key .. ':ttl', ttl)"],
       ];
       let body = script.body;
-      for (const [from, to] of edits) body = body.replace(from, to);
+      for (const [from, to] of edits) body = body.replaceAll(from, to);
       expect(body).to.not.match(/TIME|PEXPIRE|'PX'/);
       return body;
     }
@@ -182,7 +207,7 @@ describe('redisStore: rate limits', function () {
 
     for (const algorithm of ['sliding-window', 'token-bucket'] as const) {
       it(`${algorithm}: the same decisions, and keys that expire exactly when they go idle`, async () => {
-        const body = withTime(algorithm === 'sliding-window' ? slidingWindowScript : tokenBucketScript);
+        const scriptFor = algorithm === 'sliding-window' ? slidingWindowScript : tokenBucketScript;
         let run = 0;
         await fc.assert(
           fc.asyncProperty(
@@ -191,6 +216,7 @@ describe('redisStore: rate limits', function () {
             fc.integer({ min: 1_700_000_000_000_000, max: 1_800_000_000_000_000 }),
             fc.array(step, { minLength: 1, maxLength: 25 }),
             async (limit, windowMs, startUs, steps) => {
+              const body = withTime(scriptFor(limit, windowMs));
               const key = `${redis.prefix}port:${run++}`;
               let us = startUs;
               let sliding: SlidingWindowState | undefined;
@@ -212,18 +238,13 @@ describe('redisStore: rate limits', function () {
                   }
                   const [reply, ttl] = (await redis.admin
                     .multi()
-                    .eval(body, 1, key, limit, windowMs, seconds, micros)
+                    .eval(body, 1, key, seconds, micros)
                     .getdel(`${key}:ttl`)
                     .exec())!.map(([error, value]) => {
                     if (error) throw error;
                     return value;
-                  }) as [number[], string | null];
-                  expect({ allowed: reply[0] === 1, remaining: reply[1], resetMs: reply[2], retryAfterMs: reply[3] }).to.deep.equal({
-                    allowed: expected.allowed,
-                    remaining: expected.remaining,
-                    resetMs: expected.resetMs,
-                    retryAfterMs: expected.retryAfterMs,
-                  });
+                  }) as [unknown, string | null];
+                  expect(decodeReply(reply, limit, replyRadix(windowMs))).to.deep.equal(expected);
                   if (ttl === null) continue;
                   const ms = Number(ttl);
                   const idle = (at: number): boolean =>

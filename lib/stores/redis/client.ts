@@ -30,9 +30,9 @@ export interface RedisClientLike {
   readonly status: string;
   connect(): Promise<void>;
   evalsha(sha1: string, numkeys: number, ...args: RedisArgument[]): Promise<unknown>;
-  evalsha(sha1: string, numkeys: number, key: string, arg1: RedisArgument, arg2: RedisArgument, callback: RedisCallback): unknown;
+  evalsha(sha1: string, numkeys: number, key: string, callback: RedisCallback): unknown;
   eval(script: string, numkeys: number, ...args: RedisArgument[]): Promise<unknown>;
-  eval(script: string, numkeys: number, key: string, arg1: RedisArgument, arg2: RedisArgument, callback: RedisCallback): unknown;
+  eval(script: string, numkeys: number, key: string, callback: RedisCallback): unknown;
   duplicate(): RedisSubscriberClient;
   on(event: 'error', listener: (error: Error) => void): unknown;
   on(event: 'ready' | 'close', listener: () => void): unknown;

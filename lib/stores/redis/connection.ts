@@ -1,5 +1,5 @@
 import type { Emitter } from '../../events.js';
-import type { RedisArgument, RedisCallback, RedisClientLike } from './client.js';
+import type { RedisCallback, RedisClientLike } from './client.js';
 import type { Script } from './scripts.js';
 
 /** What the store was doing when Redis failed it. */
@@ -84,10 +84,10 @@ export class Connection {
    * two cores it halved throughput at 16 concurrent decisions, because Redis then gets the
    * whole tick at once and the two processes take turns instead of working side by side.
    */
-  send(command: TimedCommand, script: Script, key: string, arg1: RedisArgument, arg2: RedisArgument, callback: RedisCallback): void {
+  send(command: TimedCommand, script: Script, key: string, callback: RedisCallback): void {
     this.track(command);
     try {
-      this.client.evalsha(script.sha, 1, key, arg1, arg2, callback);
+      this.client.evalsha(script.sha, 1, key, callback);
     } catch (error) {
       // A client that throws instead of reporting: decided locally.
       callback(error instanceof Error ? error : new Error(String(error)));
