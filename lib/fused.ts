@@ -119,9 +119,8 @@ export class FusedSegment {
     // as it does any cancelled call; so `[enter]` never has to ask.
     if (call.aborted) return this.stopped(fused, DEFER, 0, call, owner, fn);
     let inner = call;
-    let i = 0;
     try {
-      for (; i < policies.length; i++) {
+      for (let i = 0; i < policies.length; i++) {
         const policy = policies[i]!;
         if (i === timeoutAt) {
           // The segment's own record is the call the guards inside the timeout see.
@@ -157,7 +156,6 @@ export class FusedSegment {
     }
     return fused.answer(runNested(this.policies, index, fn ?? ((deferred: Call) => owner!.runDeferred(deferred)), inner));
   }
-
 }
 
 /** What drives a call started with `FusedSegment.begin` without promises. */
