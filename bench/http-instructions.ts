@@ -1,9 +1,9 @@
 // The HTTP benchmark's cases counted in instructions instead of CPU time: each server runs
-// under valgrind's callgrind with V8's `--predictable` (no background threads, no timing
-// dependence), is warmed up, and then the user-space instructions it executes for a fixed
-// number of requests are counted. With one connection the count repeats to within a few
-// hundred instructions per request whatever else the machine is doing, so it shows a change
-// of 1 % where CPU time on a shared machine cannot. It leaves out the kernel (the same for
+// under valgrind's callgrind with V8 made deterministic (`--single-threaded --predictable`
+// and fixed seeds: no background threads, no timing dependence), is warmed up, and then the
+// user-space instructions it executes for a fixed number of requests are counted. TurboFan
+// still compiles during that window (on the main thread), so counts repeat only to about
+// ±0.6 % of a request, still far closer than CPU time on a shared machine. It leaves out the kernel (the same for
 // every case) and runs ~50x slower than normal: use it to compare, not to size a server.
 // Needs valgrind. Run `npm run build`, then `npx tsx bench/http-instructions.ts [framework…]`.
 // Env: REQUESTS (3000), WARMUP requests (6000), CONNECTIONS (1), VARIANTS (bare,bulwark-empty,bulwark).
@@ -43,7 +43,7 @@ async function count(framework: Framework, variant: Variant): Promise<number> {
 }
 
 try {
-  console.log(`\nuser-space instructions per request (callgrind, node --predictable), ${connections} connection(s), ${requests} requests after ${warmup}\n`);
+  console.log(`\nuser-space instructions per request (callgrind, deterministic V8: --single-threaded --predictable, fixed seeds), ${connections} connection(s), ${requests} requests after ${warmup}\n`);
   console.log('| framework | route | instructions/request | added over bare | ÷ bare |');
   console.log('|---|---|---:|---:|---:|');
   for (const framework of frameworks) {
