@@ -79,12 +79,15 @@ export class DeadlineQueue<E extends DeadlineEntry> {
     if (end < this.entries.length) this.entries[end] = entry;
     else this.entries.push(entry);
     this.live++;
+    // A timer exists only when `ms` does.
+    if (this.timer !== undefined && !precise) entry.deadline = NaN;
+    else this.stamp(entry);
+  }
+
+  // Apart from push() so that push stays small enough for V8 to inline into its callers.
+  private stamp(entry: E): void {
     const ms = this.ms;
     if (ms === undefined) return;
-    if (this.timer !== undefined && !precise) {
-      entry.deadline = NaN;
-      return;
-    }
     entry.deadline = this.clock.now() + ms;
     if (this.timer === undefined) this.arm(Math.min(ms, this.tickMs));
   }
