@@ -5,6 +5,7 @@ import type { Context, Middleware, Next } from 'koa';
 import { Exchange, exposeSignal, findDescriptor, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
+import { observe, type Observer } from '../lib/settlers.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
@@ -41,7 +42,7 @@ export function guard(policy: Policy, options?: GuardOptions): Middleware {
 }
 
 /** One request of a guarded route: the exchange, and how it acts on Koa. */
-class KoaExchange extends Exchange implements ResponseTarget {
+class KoaExchange extends Exchange implements ResponseTarget, Observer {
   /** True while the guard writes its answer through a context the handler can no longer change. */
   private owning = false;
 
@@ -64,13 +65,17 @@ class KoaExchange extends Exchange implements ResponseTarget {
 
   start(): void {
     // Downstream may outlive the answer (a timeout answers at once): its late outcome is
-    // reported, and ignored, here rather than surfacing as an unhandled rejection. Bound
-    // functions: a new arrow function per request would also run V8's lazy-compile stub.
-    this.next().then(downstreamDone.bind(this), downstreamFailed.bind(this));
+    // reported, and ignored, here rather than surfacing as an unhandled rejection.
+    observe(this.next(), this);
   }
 
-  /** @internal Downstream finished without an error. */
-  downstreamDone(): void {
+  /** @internal Downstream ended. */
+  settled(error: unknown, failed: boolean): void {
+    if (failed) this.fail(error);
+    else this.downstreamDone();
+  }
+
+  private downstreamDone(): void {
     if (!this.accepting) return;
     if (this.caching) offer(this, this.ctx);
     this.respond(this.ctx.status);
@@ -124,14 +129,6 @@ class KoaExchange extends Exchange implements ResponseTarget {
   setHeaders(headers: Record<string, string>): void {
     this.ctx.set(headers);
   }
-}
-
-function downstreamDone(this: KoaExchange): void {
-  this.downstreamDone();
-}
-
-function downstreamFailed(this: KoaExchange, error: unknown): void {
-  this.fail(error);
 }
 
 const FROZEN_PROPERTIES = ['body', 'status', 'message', 'type', 'length', 'lastModified', 'etag'];

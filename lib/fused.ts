@@ -1,6 +1,6 @@
 import { Scope } from './cancellation.js';
 import type { DeadlineEntry } from './deadline-queue.js';
-import { promiseFor } from './settlers.js';
+import { observe, promiseFor, type Observer } from './settlers.js';
 import { Call, invoke, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
 
 // A pipeline of guards that each wrap the call in a promise of their own pays for every
@@ -172,7 +172,7 @@ export interface SegmentOwner {
  * entry: one object per call instead of three. Its cancellation scope (a child of the
  * caller's) is made only when something asks for it, which most calls never do.
  */
-export class FusedCall extends Call implements TimedCall {
+export class FusedCall extends Call implements TimedCall, Observer {
   entered = 0;
   /** Hears of the timeout instead of the promise of `answer()`, when the caller drives the call itself. */
   owner: SegmentOwner | undefined = undefined;
@@ -264,14 +264,12 @@ export class FusedCall extends Call implements TimedCall {
       return promise;
     }
     // Registered before the caller's `await`: the guards hear of the outcome first.
-    // Bound functions rather than arrow functions: a new closure runs V8's lazy-compile
-    // stub on its first (and only) call, a bound function does not.
-    promise.then(settleFulfilled.bind(this), settleRejected.bind(this));
+    observe(promise, this);
     return answer;
   }
 
   /** @internal The function's promise settled (through `answer()`). */
-  settle(outcome: unknown, failed: boolean): void {
+  settled(outcome: unknown, failed: boolean): void {
     if (this.done) return;
     this.finish(outcome, failed);
     if (this.resolve !== undefined) {
@@ -320,14 +318,6 @@ export class FusedCall extends Call implements TimedCall {
     if (i === timeoutAt) i--;
     for (; i >= 0; i--) (policies[i] as FusableGuard)[leave](this.token(i), this.outer, outcome, failed);
   }
-}
-
-function settleFulfilled(this: FusedCall, value: unknown): void {
-  this.settle(value, false);
-}
-
-function settleRejected(this: FusedCall, error: unknown): void {
-  this.settle(error, true);
 }
 
 /**

@@ -188,7 +188,6 @@ export class RateLimit extends BasePolicy<RateLimitStats, RateLimitEvents> {
     if (this.events?.has('rejected')) this.events.emit('rejected', { reason: 'rate_limited', error, key });
     return error;
   }
-
 }
 
 /**

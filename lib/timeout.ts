@@ -1,7 +1,7 @@
 import { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { DeadlineQueue } from './deadline-queue.js';
-import { promiseFor } from './settlers.js';
+import { observe, promiseFor, type Observer } from './settlers.js';
 import { deadline, type TimedCall } from './fused.js';
 import { TimeoutError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
@@ -80,15 +80,11 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
     try {
       result = fn(call.withScope(pending));
     } catch (error) {
-      this.settle(pending, error, true);
+      pending.settled(error, true);
       return promise;
     }
-    if (isThenable(result)) {
-      // Bound functions rather than arrow functions: see FusedCall.answer().
-      result.then(settleFulfilled.bind(pending), settleRejected.bind(pending));
-    } else {
-      this.settle(pending, result, false);
-    }
+    if (isThenable(result)) observe(result, pending);
+    else pending.settled(result, false);
     return promise;
   }
 
@@ -100,13 +96,6 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
   [deadline](entry: TimedCall): void {
     this.calls++;
     this.deadlines.push(entry, this.hearsOutcomes());
-  }
-
-  /** @internal The function settled, one way or the other; ignored once the deadline has passed. */
-  settle(pending: PendingCall, outcome: unknown, failed: boolean): void {
-    if (!this.finish(pending, outcome, failed)) return;
-    if (failed) pending.reject!(outcome);
-    else pending.resolve!(outcome);
   }
 
   /** @internal Ends the deadline of a call that settled; false when the deadline came first. */
@@ -144,7 +133,7 @@ export class Timeout extends BasePolicy<TimeoutStats, TimeoutEvents> {
  * One call in flight. It is the call's child scope (one allocation instead of two), its
  * deadline-queue entry, and holds the settle functions of the promise the caller awaits.
  */
-class PendingCall extends Scope implements TimedCall {
+class PendingCall extends Scope implements TimedCall, Observer {
   constructor(
     readonly timer: Timeout,
     parent: Scope | undefined,
@@ -158,6 +147,13 @@ class PendingCall extends Scope implements TimedCall {
   resolve: ((value: unknown) => void) | undefined = undefined;
   reject: ((error: unknown) => void) | undefined = undefined;
 
+  /** The function settled, one way or the other; ignored once the deadline has passed. */
+  settled(outcome: unknown, failed: boolean): void {
+    if (!this.timer.finish(this, outcome, failed)) return;
+    if (failed) this.reject!(outcome);
+    else this.resolve!(outcome);
+  }
+
   timedOut(error: TimeoutError): void {
     // Abort first: inner guards (a queued bulkhead place, a retry's sleep) let go before
     // the caller hears of it. Aborting also unlinks the scope from its parent.
@@ -165,14 +161,6 @@ class PendingCall extends Scope implements TimedCall {
     this.dispose();
     this.reject!(error);
   }
-}
-
-function settleFulfilled(this: PendingCall, value: unknown): void {
-  this.timer.settle(this, value, false);
-}
-
-function settleRejected(this: PendingCall, error: unknown): void {
-  this.timer.settle(this, error, true);
 }
 
 function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
