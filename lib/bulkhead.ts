@@ -190,11 +190,8 @@ export class Bulkhead extends BasePolicy<BulkheadStats, BulkheadEvents> {
       this.running--;
       return;
     }
-    const next = this.waiting.shift();
-    if (next === undefined) {
-      this.running--;
-      return;
-    }
+    // A live waiter is in the queue, so shift() finds one.
+    const next = this.waiting.shift()!;
     // Hand the place over: `running` stays the same, so no newcomer can slip in between.
     next.grant();
   }
