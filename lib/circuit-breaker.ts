@@ -490,16 +490,20 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
   }
 
   private settleResult(admitted: MachineState, result: unknown, start: number): void {
-    if (start !== start && this.isFailureResult === undefined && this.recordedPlainSuccess(admitted)) return;
     this.record(admitted, this.isFailureResult !== undefined && ask(this.isFailureResult, result) ? FAILED : 0, result, start);
   }
 
   /**
    * Most outcomes are untimed successes of a closed breaker that nobody listens to, and
-   * `record` (every state, every rule, the events) is too big for V8 to inline: this is the
-   * part of it such a success takes, small enough to be. Once a count window holds
-   * `minimumCalls`, a success only keeps or lowers both rates, so it needs no verdict.
+   * `recordOutcome` (every state, every rule, the events) is too big for V8 to inline:
+   * `record` is the part of it such a success takes, small enough to be. Once a count
+   * window holds `minimumCalls`, a success only keeps or lowers both rates, so it needs no
+   * verdict.
    */
+  private record(admitted: MachineState, outcome: Outcome, value: unknown, start: number): void {
+    if (outcome !== 0 || start === start || !this.recordedPlainSuccess(admitted)) this.recordOutcome(admitted, outcome, value, start);
+  }
+
   private recordedPlainSuccess(admitted: MachineState): boolean {
     const window = this.window;
     if (admitted !== this.current || admitted.state !== 'closed' || this.events !== undefined || window.needsTime || window.calls < this.minimumCalls) return false;
@@ -534,7 +538,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     this.link?.releaseProbe();
   }
 
-  private record(admitted: MachineState, outcome: Outcome, value: unknown, start: number): void {
+  private recordOutcome(admitted: MachineState, outcome: Outcome, value: unknown, start: number): void {
     let now = NaN;
     let durationMs: number | undefined;
     if (start === start) {
