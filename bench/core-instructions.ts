@@ -14,6 +14,7 @@ import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import ts from 'typescript';
+import { DETERMINISTIC_V8 } from './deterministic-v8.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const calls = Number(process.env.CALLS ?? 100_000);
@@ -32,7 +33,7 @@ writeFileSync(script, ts.transpileModule(source, { compilerOptions: { module: ts
 
 /** Instructions of a whole run of `name` that makes `n` calls after the warm-up. */
 function run(name: string, n: number): Promise<number> {
-  const args = ['--tool=callgrind', '--callgrind-out-file=/dev/null', process.execPath, '--single-threaded', '--predictable', '--hash-seed=1', '--random-seed=1', script, name];
+  const args = ['--tool=callgrind', '--callgrind-out-file=/dev/null', process.execPath, ...DETERMINISTIC_V8, script, name];
   const child = spawn('valgrind', args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, CALLS: String(n) } });
   let log = '';
   child.stderr.setEncoding('utf8').on('data', (chunk: string) => (log += chunk));

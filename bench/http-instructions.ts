@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import type { Framework, Variant } from './http-server.js';
+import { DETERMINISTIC_V8 } from './deterministic-v8.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const requests = Number(process.env.REQUESTS ?? 3000);
@@ -26,7 +27,7 @@ const dir = mkdtempSync(join(tmpdir(), 'bulwark-callgrind-'));
 
 async function count(framework: Framework, variant: Variant): Promise<number> {
   const out = join(dir, `${framework}.${variant}.out`);
-  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, '--single-threaded', '--predictable', '--hash-seed=1', '--random-seed=1', '--import', 'tsx', `${here}http-server.ts`, framework, variant];
+  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, ...DETERMINISTIC_V8, '--import', 'tsx', `${here}http-server.ts`, framework, variant];
   const child = spawn('valgrind', args, { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], env: { ...process.env, NODE_ENV: 'production' } });
   const [ready] = (await once(child, 'message')) as [{ port: number }];
   const url = `http://127.0.0.1:${ready.port}/`;
