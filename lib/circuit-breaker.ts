@@ -1,7 +1,7 @@
 import type { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { CircuitOpenError, isClientDisconnected, isGuardRejection, withoutStack } from './errors.js';
-import { DEFER, enter, leave, refuse } from './fused.js';
+import { DEFER, ENDED_FAILED, ENDED_OK, enter, leave, refuse, type Ending } from './fused.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
 import type { BreakerLink, BreakerStore, SharedBreakerState } from './stores/types.js';
 import { clockOption, duration, fail, func, knownKeys, name as validName, oneOf, optionsObject, percentage, positiveInteger } from './validate.js';
@@ -305,18 +305,13 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     return state;
   }
 
-  [leave](token: unknown, call: Call, outcome: unknown, failed: boolean): void {
+  [leave](token: unknown, ending: Ending, outcome: unknown): void {
     const admitted = token as MachineState;
-    if (call.aborted) {
-      // As in `runScoped`: a timeout is a failure, any other abort says nothing.
-      const reason = call.abortReason;
-      if (isGuardRejection(reason) && reason.reason === 'timeout') this.settleError(admitted, reason, NaN);
-      else this.settleIgnored(admitted, reason, NaN);
-    } else if (failed) {
-      this.settleError(admitted, outcome, NaN);
-    } else {
-      this.settleResult(admitted, outcome, NaN);
-    }
+    if (ending === ENDED_OK) this.settleResult(admitted, outcome, NaN);
+    else if (ending === ENDED_FAILED) this.settleError(admitted, outcome, NaN);
+    // As in `runScoped`: a timeout is a failure, any other abort says nothing.
+    else if (isGuardRejection(outcome) && outcome.reason === 'timeout') this.settleError(admitted, outcome, NaN);
+    else this.settleIgnored(admitted, outcome, NaN);
   }
 
   stats(): CircuitBreakerStats {

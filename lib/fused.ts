@@ -33,6 +33,12 @@ export class Refusal {
   constructor(readonly error: unknown) {}
 }
 
+/** How a call through a fused segment ended, for `[leave]`. */
+export type Ending = typeof ENDED_OK | typeof ENDED_FAILED | typeof ENDED_ABORTED;
+export const ENDED_OK = 0;
+export const ENDED_FAILED = 1;
+export const ENDED_ABORTED = 2;
+
 export const enter: unique symbol = Symbol('bulwark.enter');
 export const leave: unique symbol = Symbol('bulwark.leave');
 export const deadline: unique symbol = Symbol('bulwark.deadline');
@@ -45,8 +51,13 @@ export interface FusableGuard extends Policy {
    * was cancelled before the segment began.
    */
   [enter](call: Call): unknown;
-  /** The admitted call ended; called exactly once per admitting `[enter]`. */
-  [leave](token: unknown, call: Call, outcome: unknown, failed: boolean): void;
+  /**
+   * The admitted call ended; called exactly once per admitting `[enter]`. `ending` says how:
+   * `ENDED_OK` or `ENDED_FAILED` with the function's value or error (a timeout of the segment is
+   * a failure with its `TimeoutError`), or `ENDED_ABORTED` when the caller's call was cancelled
+   * first, with the abort reason as `outcome`.
+   */
+  [leave](token: unknown, ending: Ending, outcome: unknown): void;
 }
 
 /** What a fused segment needs from a timeout. */
@@ -89,7 +100,10 @@ export class FusedSegment {
   ) {}
 
   run<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const started = this.begin(call, undefined, fn as InternalFunction<unknown>);
+    return this.runStarted(this.begin(call, undefined, fn as InternalFunction<unknown>), fn);
+  }
+
+  private runStarted<T>(started: FusedCall | Promise<unknown> | Refusal, fn: InternalFunction<T>): Promise<T> {
     if (started instanceof Refusal) return Promise.reject(started.error);
     if (!(started instanceof FusedCall)) return started as Promise<T>;
     let result: T | PromiseLike<T>;
@@ -112,13 +126,27 @@ export class FusedSegment {
   begin(call: Call, owner: SegmentOwner, fn?: InternalFunction<unknown>): FusedCall | Promise<unknown> | Refusal;
   begin(call: Call, owner: undefined, fn: InternalFunction<unknown>): FusedCall | Promise<unknown> | Refusal;
   begin(call: Call, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): FusedCall | Promise<unknown> | Refusal {
-    const policies = this.policies;
-    const timeoutAt = this.timeoutAt;
-    const fused = new FusedCall(this, call);
     // A call cancelled before it began takes the ordinary way, where each guard answers it
     // as it does any cancelled call; so `[enter]` never has to ask.
-    if (call.aborted) return this.stopped(fused, DEFER, 0, call, owner, fn);
-    let inner = call;
+    if (call.aborted) return this.stopped(new FusedCall(this, call, undefined), DEFER, 0, call, owner, fn);
+    return this.enterAll(call, undefined, owner, fn);
+  }
+
+  /**
+   * `run` for a caller that gave no call of its own (`execute` without a signal): the
+   * segment's record is the whole call, with nothing outside it that could cancel it.
+   */
+  runRoot<T>(fn: InternalFunction<T>, context: CallContext | undefined): Promise<T> {
+    return this.runStarted(this.enterAll(undefined, context, undefined, fn as InternalFunction<unknown>), fn);
+  }
+
+  // The record is made in here rather than by the callers: V8 then compiles it into this
+  // function, whose inlining budget it fits, and not into the caller's.
+  private enterAll(call: Call | undefined, context: CallContext | undefined, owner: SegmentOwner | undefined, fn: InternalFunction<unknown> | undefined): FusedCall | Promise<unknown> | Refusal {
+    const policies = this.policies;
+    const timeoutAt = this.timeoutAt;
+    const fused = new FusedCall(this, call, context);
+    let inner = call ?? fused;
     try {
       for (let i = 0; i < policies.length; i++) {
         const policy = policies[i]!;
@@ -170,7 +198,8 @@ export interface SegmentOwner {
  * One call through a fused segment. With a timeout in the segment it is also the call that
  * the guards and the function inside the timeout see, and the timeout's deadline-queue
  * entry: one object per call instead of three. Its cancellation scope (a child of the
- * caller's) is made only when something asks for it, which most calls never do.
+ * caller's) is made only when something asks for it, which most calls never do. A call
+ * that `execute` started without a signal has no outer call: this record is the call.
  */
 export class FusedCall extends Call implements TimedCall, Observer {
   entered = 0;
@@ -183,7 +212,6 @@ export class FusedCall extends Call implements TimedCall, Observer {
   private token1: unknown = undefined;
   private token2: unknown = undefined;
   private moreTokens: unknown[] | undefined = undefined;
-  private timer: DeadlineGuard | undefined = undefined;
   /** The timeout's error, once the deadline passed. */
   private timeoutError: unknown = undefined;
   private done = false;
@@ -193,19 +221,28 @@ export class FusedCall extends Call implements TimedCall, Observer {
 
   constructor(
     private readonly segment: FusedSegment,
-    private readonly outer: Call,
+    /** The caller's call; undefined when this record is the whole call (`runRoot`). */
+    private readonly outer: Call | undefined,
+    context: CallContext | undefined,
   ) {
-    super(undefined, outer.attempt, undefined);
+    super(undefined, outer === undefined ? 1 : outer.attempt, context);
+  }
+
+  /** Whether the call is being timed: the segment has a timeout and the call got that far. */
+  private get timed(): boolean {
+    const at = this.segment.timeoutAt;
+    return at >= 0 && this.entered > at;
   }
 
   /** The call the function runs with: this one inside a timeout, else the caller's. */
   get inner(): Call {
-    return this.timer === undefined ? this.outer : this;
+    return this.outer === undefined || this.timed ? this : this.outer;
   }
 
   /** One context for the whole call, even when the caller gave none and it is made late. */
   override get context(): CallContext {
-    return this.outer.context;
+    const outer = this.outer;
+    return outer === undefined ? super.context : outer.context;
   }
 
   /** The timeout's child scope of the caller's, made on first read. */
@@ -216,18 +253,23 @@ export class FusedCall extends Call implements TimedCall, Observer {
   override get aborted(): boolean {
     const scope = this.cancellation;
     if (scope !== undefined) return scope.aborted;
-    return this.timeoutError !== undefined || this.outer.aborted;
+    return this.timeoutError !== undefined || this.callerAborted();
   }
 
   override get abortReason(): unknown {
     const scope = this.cancellation;
     if (scope !== undefined) return scope.reason;
-    return this.timeoutError ?? this.outer.abortReason;
+    return this.timeoutError ?? this.outer?.abortReason;
+  }
+
+  private callerAborted(): boolean {
+    const outer = this.outer;
+    return outer !== undefined && outer.aborted;
   }
 
   private openScope(): Scope {
     // Asked for after the call ended in time: nothing will abort it any more.
-    const scope = new Scope(this.done && this.timeoutError === undefined ? undefined : this.outer.scope);
+    const scope = new Scope(this.done && this.timeoutError === undefined ? undefined : this.outer?.scope);
     if (this.timeoutError !== undefined) scope.abort(this.timeoutError);
     return scope;
   }
@@ -247,7 +289,6 @@ export class FusedCall extends Call implements TimedCall, Observer {
   }
 
   time(guard: DeadlineGuard): void {
-    this.timer = guard;
     guard[deadline](this);
   }
 
@@ -256,7 +297,7 @@ export class FusedCall extends Call implements TimedCall, Observer {
     // Cheaper than Promise.resolve(), which looks up `constructor` to tell a native promise.
     const promise = result instanceof Promise ? (result as Promise<unknown>) : Promise.resolve(result);
     let answer = promise;
-    if (this.timer !== undefined) {
+    if (this.timed) {
       // Only a timeout can settle the call before the function does: then the caller gets
       // a promise of the segment's own.
       answer = promiseFor(this);
@@ -285,9 +326,12 @@ export class FusedCall extends Call implements TimedCall, Observer {
   finish(outcome: unknown, failed: boolean): void {
     if (this.done) return;
     this.done = true;
-    const timer = this.timer;
-    if (timer !== undefined && !timer.finish(this, outcome, failed)) return;
-    this.leaveAll(outcome, failed);
+    if (this.timed) {
+      const { policies, timeoutAt } = this.segment;
+      if (!(policies[timeoutAt] as DeadlineGuard).finish(this, outcome, failed)) return;
+    }
+    if (this.callerAborted()) this.leaveAll(ENDED_ABORTED, this.outer!.abortReason);
+    else this.leaveAll(failed ? ENDED_FAILED : ENDED_OK, outcome);
   }
 
   dispose(): void {
@@ -305,18 +349,16 @@ export class FusedCall extends Call implements TimedCall, Observer {
     }
     if (this.done) return;
     this.done = true;
-    this.leaveAll(error, true);
+    if (this.callerAborted()) this.leaveAll(ENDED_ABORTED, this.outer!.abortReason);
+    else this.leaveAll(ENDED_FAILED, error);
     if (this.owner !== undefined) this.owner.expired(error);
     else this.reject?.(error);
   }
 
-  private leaveAll(outcome: unknown, failed: boolean): void {
-    const { policies, timeoutAt } = this.segment;
-    let i = this.entered - 1;
-    // Inside the timeout, the guards were handed this call; outside it, the caller's.
-    for (; i > timeoutAt && timeoutAt >= 0; i--) (policies[i] as FusableGuard)[leave](this.token(i), this, outcome, failed);
-    if (i === timeoutAt) i--;
-    for (; i >= 0; i--) (policies[i] as FusableGuard)[leave](this.token(i), this.outer, outcome, failed);
+  private leaveAll(ending: Ending, outcome: unknown): void {
+    const policies = this.segment.policies;
+    const timeoutAt = this.segment.timeoutAt;
+    for (let i = this.entered - 1; i >= 0; i--) if (i !== timeoutAt) (policies[i] as FusableGuard)[leave](this.token(i), ending, outcome);
   }
 }
 

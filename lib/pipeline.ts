@@ -1,5 +1,5 @@
 import { compile, FusedSegment, isDeadline, isFusable, runNested } from './fused.js';
-import { BasePolicy, defaultName, run, runPolicy, type Call, type InternalFunction, type Policy } from './policy.js';
+import { BasePolicy, defaultName, run, runPolicy, type Call, type CallContext, type GuardedFunction, type InternalFunction, type Policy } from './policy.js';
 
 export interface PipelineStats {
   policies: number;
@@ -33,6 +33,18 @@ export class Pipeline extends BasePolicy<PipelineStats> {
     // A nested pipeline of ours is only composition, so its guards join this one's and
     // can be fused with their neighbours.
     this.parts = compile(this.policies.flatMap((policy) => (policy instanceof Pipeline ? policy.flat : [policy])));
+    const only = this.parts.length === 1 ? this.parts[0] : undefined;
+    this.lone = only instanceof FusedSegment ? only : undefined;
+  }
+
+  /** The one fused segment this pipeline is, when it is one. */
+  private readonly lone: FusedSegment | undefined;
+
+  override execute<T>(fn: GuardedFunction<T>, signal?: AbortSignal, context?: CallContext): Promise<T> {
+    // Without a signal nothing outside can cancel the call: the segment's record is the call.
+    const lone = this.lone;
+    if (signal === undefined && lone !== undefined) return lone.runRoot(fn, context);
+    return super.execute(fn, signal, context);
   }
 
   /** The guards in order, nested pipelines of ours opened up. */
@@ -43,9 +55,9 @@ export class Pipeline extends BasePolicy<PipelineStats> {
   private readonly parts: ReadonlyArray<FusedSegment | Policy>;
 
   [run]<T>(fn: InternalFunction<T>, call: Call): Promise<T> {
-    const parts = this.parts;
-    if (parts.length === 1 && parts[0] instanceof FusedSegment) return parts[0].run(fn, call);
-    return runParts(parts, 0, fn, call);
+    const lone = this.lone;
+    if (lone !== undefined) return lone.run(fn, call);
+    return runParts(this.parts, 0, fn, call);
   }
 
   children(): Iterable<Policy> {

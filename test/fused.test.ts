@@ -146,6 +146,30 @@ describe('fused pipeline segments', () => {
     expect(breaker.stats().totals).to.include({ failures: 0, successes: 0, ignored: 1 });
   });
 
+
+  it('counts neither way a call whose caller went away, when the function ignores its signal and the deadline passes', async () => {
+    const breaker = circuitBreaker();
+    const places = bulkhead({ limit: 1 });
+    const guard = pipeline(places, timeout(1000), breaker);
+    const controller = new AbortController();
+    const result = outcome(guard.execute(hang, controller.signal));
+    controller.abort(new ClientDisconnectedError());
+    await clock.tickAsync(1000);
+    expect(await result).to.be.instanceOf(TimeoutError);
+    expect(breaker.stats().totals).to.include({ failures: 0, successes: 0, ignored: 1 });
+    expect(places.stats().active).to.equal(0);
+  });
+
+  it('hands a call without a signal its context and first attempt, and a signal made on demand', async () => {
+    const context: CallContext = { tag: 'x' };
+    const guard = pipeline(bulkhead({ limit: 1 }), timeout(1000), circuitBreaker());
+    const seen = await guard.execute(({ context: received, attempt, signal }) => ({ same: received === context, attempt, aborted: signal.aborted }), undefined, context);
+    expect(seen).to.deep.equal({ same: true, attempt: 1, aborted: false });
+    const late = guard.execute(({ signal }) => new Promise((resolve) => signal.addEventListener('abort', () => resolve(signal.reason))));
+    // The deadline is stamped at the queue's next tick, at most 25 ms after the call began.
+    await clock.tickAsync(1025);
+    expect(await outcome(late)).to.be.instanceOf(TimeoutError);
+  });
   it('reports a synchronous throw of the function as a failure to every guard', async () => {
     const b = bulkhead({ limit: 1 });
     const breaker = circuitBreaker({ consecutiveFailures: 1 });
