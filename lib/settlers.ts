@@ -4,18 +4,13 @@ export interface Settlers {
   reject: ((error: unknown) => void) | undefined;
 }
 
-// The promise executor runs synchronously inside `new Promise`, so a module slot hands it
-// its holder: no closure per promise, which on a per-call path costs more than the rest.
-let capturing: Settlers | undefined;
-
-function capture(resolve: (value: never) => void, reject: (error: unknown) => void): void {
-  capturing!.resolve = resolve as (value: unknown) => void;
-  capturing!.reject = reject;
-  capturing = undefined;
-}
-
 /**
  * A new promise whose `resolve` and `reject` go to `holder`.
+ *
+ * The executor is an arrow function written right at `new Promise`: TurboFan inlines the
+ * constructor together with it, so no closure is made at all. A shared executor that
+ * found its holder in a module variable cost more: storing the young holder in that
+ * long-lived slot took V8's write barrier (~50 instructions) on every call.
  *
  * @example
  * const pending = { resolve: undefined, reject: undefined };
@@ -23,8 +18,10 @@ function capture(resolve: (value: never) => void, reject: (error: unknown) => vo
  * pending.resolve!(1);
  */
 export function promiseFor<T>(holder: Settlers): Promise<T> {
-  capturing = holder;
-  return new Promise<T>(capture);
+  return new Promise<T>((resolve, reject) => {
+    holder.resolve = resolve as (value: unknown) => void;
+    holder.reject = reject;
+  });
 }
 
 /** What hears how a promise settled (`observe`). */
