@@ -130,17 +130,25 @@ async function measureHeap(): Promise<number> {
   };
   // Warm up the code paths so that compiled code is not counted as breaker memory.
   for (let i = 0; i < 100; i++) dispose(await make());
-  const kept: Array<{ dispose?: () => void } | object> = new Array(count).fill(undefined);
-  gc();
-  gc();
-  const before = process.memoryUsage();
-  for (let i = 0; i < count; i++) kept[i] = await make();
-  gc();
-  gc();
-  const after = process.memoryUsage();
-  const bytes = after.heapUsed - before.heapUsed + (after.arrayBuffers - before.arrayBuffers);
+  // Five batches of `count` breakers, the heap read after each: the bytes per breaker are
+  // the growth from the first batch to the last. What one reading carries besides the
+  // breakers (code compiled late, a collector's leftovers) cancels out, where a single
+  // before/after pair scattered by ±20 bytes per breaker from run to run.
+  const batches = 5;
+  const kept: Array<{ dispose?: () => void } | object> = new Array(batches * count).fill(undefined);
+  const heap = (): number => {
+    gc();
+    gc();
+    const usage = process.memoryUsage();
+    return usage.heapUsed + usage.arrayBuffers;
+  };
+  const readings: number[] = [];
+  for (let batch = 0; batch < batches; batch++) {
+    for (let i = 0; i < count; i++) kept[batch * count + i] = await make();
+    readings.push(heap());
+  }
   for (const breaker of kept) dispose(breaker);
-  return bytes / count;
+  return (readings[batches - 1]! - readings[0]!) / ((batches - 1) * count);
 }
 
 /**
