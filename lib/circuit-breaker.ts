@@ -503,7 +503,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     const window = this.window;
     if (admitted !== this.current || admitted.state !== 'closed' || this.events !== undefined || window.needsTime || window.calls < this.minimumCalls) return false;
     this.successes++;
-    window.record(0, NaN);
+    window.recordSuccess(NaN);
     this.consecutive = 0;
     return true;
   }

@@ -52,17 +52,18 @@ describe('CountWindow', () => {
     expect(figures(window)).to.deep.equal({ calls: 4, failures: 0, slowCalls: 0 });
   });
 
-  it('matches the last `size` entries of a plain array, for any size and sequence', () => {
+  it('matches the last `size` entries of a plain array, for any size and sequence (successes through either path)', () => {
     fc.assert(
-      fc.property(fc.integer({ min: 1, max: 70 }), fc.array(outcome, { maxLength: 300 }), fc.integer({ min: -1, max: 300 }), (size, outcomes, clearAt) => {
+      fc.property(fc.integer({ min: 1, max: 70 }), fc.array(fc.tuple(outcome, fc.boolean()), { maxLength: 300 }), fc.integer({ min: -1, max: 300 }), (size, steps, clearAt) => {
         const window = new CountWindow(size);
         let model: Outcome[] = [];
-        outcomes.forEach((o, index) => {
+        steps.forEach(([o, viaRecordSuccess], index) => {
           if (index === clearAt) {
             window.clear();
             model = [];
           }
-          window.record(o, 0);
+          if (o === 0 && viaRecordSuccess) window.recordSuccess(0);
+          else window.record(o, 0);
           model.push(o);
           expect(figures(window)).to.deep.equal(tally(model.slice(-size)));
         });

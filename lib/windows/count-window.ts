@@ -48,6 +48,26 @@ export class CountWindow implements OutcomeWindow {
     this.slowCalls += (outcome & SLOW) >>> 1;
   }
 
+  recordSuccess(_now: number): void {
+    const words = this.words;
+    if (words === undefined) return this.record(0, NaN);
+    const position = this.next;
+    const index = (position / PER_WORD) | 0;
+    const shift = (position - index * PER_WORD) << 1;
+    const word = words[index]!;
+    const held = (word >>> shift) & 3;
+    if (this.calls === this.size) {
+      this.failures -= held & FAILED;
+      this.slowCalls -= held >>> 1;
+    } else {
+      this.calls++;
+    }
+    // A success is all zero bits: the slot needs writing only when it holds something
+    // (the evicted outcome, or bits left over from before a clear()).
+    if (held !== 0) words[index] = word & ~(3 << shift);
+    this.next = position + 1 === this.size ? 0 : position + 1;
+  }
+
   roll(_now: number): void {}
 
   clear(): void {
