@@ -7,6 +7,7 @@ import { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, httpGuard, httpReques
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
+import { observe, type Observer } from '../lib/settlers.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
 export type { Policies } from '../lib/observe.js';
@@ -112,7 +113,7 @@ function patchSend(prototype: GuardedReply): object {
 }
 
 /** One request of a guarded route: the exchange, and how it acts on Fastify. */
-class FastifyExchange extends Exchange implements ResponseTarget {
+class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   private held: unknown = undefined;
 
   constructor(
@@ -136,14 +137,15 @@ class FastifyExchange extends Exchange implements ResponseTarget {
 
   start(): void {
     const result = this.handler.call(this.instance, this.req, this.reply) as unknown;
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-      (result as PromiseLike<unknown>).then(
-        (payload) => this.returned(payload),
-        (error: unknown) => this.fail(error),
-      );
-    } else if (result !== undefined) {
-      this.reply.send(result);
-    }
+    // Heard through bound functions rather than two arrow closures and their context.
+    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') observe(result as PromiseLike<unknown>, this);
+    else if (result !== undefined) this.reply.send(result);
+  }
+
+  /** @internal An async handler settled. */
+  settled(outcome: unknown, failed: boolean): void {
+    if (failed) this.fail(outcome);
+    else this.returned(outcome);
   }
 
   /** The handler's `reply.send`: decides, holds or drops it (a late one never reaches Fastify). */
