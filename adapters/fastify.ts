@@ -76,10 +76,10 @@ export default bulwark;
 export { bulwark };
 
 function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler {
-  let patched: object | undefined;
   const guarded: Handler = function bulwarkHandler(this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): undefined {
-    const prototype = Object.getPrototypeOf(reply) as object;
-    if (prototype !== patched) patched = patchSend(prototype as GuardedReply);
+    // Read through the reply, which inherits it from a patched prototype: a property load,
+    // where Object.getPrototypeOf on every request went through V8's runtime.
+    if ((reply as GuardedReply)[ORIGINAL_SEND] === undefined) patchSend(Object.getPrototypeOf(reply) as GuardedReply);
     const exchange = new FastifyExchange(compiled, this, handler, request, reply);
     (reply as GuardedReply)[EXCHANGE_KEY] = exchange;
     // Fastify's own getter aborts on its handlerTimeout and client close; this one also on the guard's timeout.
@@ -97,8 +97,8 @@ function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler
  * per request, so that a late send never reaches Fastify. Replies without an exchange (the
  * app's other routes) go straight to Fastify's `send`.
  */
-function patchSend(prototype: GuardedReply): object {
-  if (prototype[ORIGINAL_SEND] !== undefined) return prototype;
+function patchSend(prototype: GuardedReply): void {
+  if (prototype[ORIGINAL_SEND] !== undefined) return;
   const original = prototype.send as Send;
   Object.defineProperty(prototype, ORIGINAL_SEND, { value: original });
   Object.defineProperty(prototype, 'send', {
@@ -109,7 +109,6 @@ function patchSend(prototype: GuardedReply): object {
       return exchange === undefined || exchange === null ? original.call(this, payload) : exchange.handlerSend(payload);
     },
   });
-  return prototype;
 }
 
 /** One request of a guarded route: the exchange, and how it acts on Fastify. */
