@@ -7,6 +7,7 @@ import { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, httpGuard, httpReques
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
+import { observe, type Observer } from '../lib/settlers.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
 export type { Policies } from '../lib/observe.js';
@@ -75,10 +76,10 @@ export default bulwark;
 export { bulwark };
 
 function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler {
-  let patched: object | undefined;
   const guarded: Handler = function bulwarkHandler(this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): undefined {
-    const prototype = Object.getPrototypeOf(reply) as object;
-    if (prototype !== patched) patched = patchSend(prototype as GuardedReply);
+    // Read through the reply, which inherits it from a patched prototype: a property load,
+    // where Object.getPrototypeOf on every request went through V8's runtime.
+    if ((reply as GuardedReply)[ORIGINAL_SEND] === undefined) patchSend(Object.getPrototypeOf(reply) as GuardedReply);
     const exchange = new FastifyExchange(compiled, this, handler, request, reply);
     (reply as GuardedReply)[EXCHANGE_KEY] = exchange;
     // Fastify's own getter aborts on its handlerTimeout and client close; this one also on the guard's timeout.
@@ -96,8 +97,8 @@ function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler
  * per request, so that a late send never reaches Fastify. Replies without an exchange (the
  * app's other routes) go straight to Fastify's `send`.
  */
-function patchSend(prototype: GuardedReply): object {
-  if (prototype[ORIGINAL_SEND] !== undefined) return prototype;
+function patchSend(prototype: GuardedReply): void {
+  if (prototype[ORIGINAL_SEND] !== undefined) return;
   const original = prototype.send as Send;
   Object.defineProperty(prototype, ORIGINAL_SEND, { value: original });
   Object.defineProperty(prototype, 'send', {
@@ -108,11 +109,10 @@ function patchSend(prototype: GuardedReply): object {
       return exchange === undefined || exchange === null ? original.call(this, payload) : exchange.handlerSend(payload);
     },
   });
-  return prototype;
 }
 
 /** One request of a guarded route: the exchange, and how it acts on Fastify. */
-class FastifyExchange extends Exchange implements ResponseTarget {
+class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   private held: unknown = undefined;
 
   constructor(
@@ -136,14 +136,15 @@ class FastifyExchange extends Exchange implements ResponseTarget {
 
   start(): void {
     const result = this.handler.call(this.instance, this.req, this.reply) as unknown;
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-      (result as PromiseLike<unknown>).then(
-        (payload) => this.returned(payload),
-        (error: unknown) => this.fail(error),
-      );
-    } else if (result !== undefined) {
-      this.reply.send(result);
-    }
+    // Heard through bound functions rather than two arrow closures and their context.
+    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') observe(result as PromiseLike<unknown>, this);
+    else if (result !== undefined) this.reply.send(result);
+  }
+
+  /** @internal An async handler settled. */
+  settled(outcome: unknown, failed: boolean): void {
+    if (failed) this.fail(outcome);
+    else this.returned(outcome);
   }
 
   /** The handler's `reply.send`: decides, holds or drops it (a late one never reaches Fastify). */

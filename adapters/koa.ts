@@ -78,7 +78,9 @@ class KoaExchange extends Exchange implements ResponseTarget, Observer {
   private downstreamDone(): void {
     if (!this.accepting) return;
     if (this.caching) offer(this, this.ctx);
-    this.respond(this.ctx.status);
+    // Koa's `ctx.status` is `ctx.response.status` behind a delegate, whose shared getter
+    // makes two megamorphic keyed loads; the response's own getter reads `res.statusCode`.
+    this.respond(this.ctx.response.status);
   }
 
   send(answer: HttpAnswer): void {
