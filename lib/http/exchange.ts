@@ -423,8 +423,11 @@ export class Exchange implements SegmentOwner {
   decision(): Promise<void> {
     if (this.decided) return this.rethrow ? Promise.reject(this.failure) : Promise.resolve();
     if (this.decisionMade === undefined) {
-      capturing = this;
-      this.decisionMade = new Promise<void>(Exchange.captureDecision);
+      // An arrow at `new Promise` is inlined with the constructor: no closure is made.
+      this.decisionMade = new Promise<void>((resolve, reject) => {
+        this.resolveDecision = resolve;
+        this.rejectDecision = reject;
+      });
     }
     return this.decisionMade;
   }
@@ -496,8 +499,10 @@ export class Exchange implements SegmentOwner {
   runDeferred(call: Call): Promise<typeof DONE> {
     if (this.phase !== WAITING) return Promise.reject(new TypeError('bulwark: a route handler cannot run twice'));
     if (this.clientGone) return Promise.reject(this.scope.reason);
-    capturing = this;
-    const settled = new Promise<typeof DONE>(Exchange.captureRun);
+    const settled = new Promise<typeof DONE>((resolve, reject) => {
+      this.resolveRun = resolve;
+      this.rejectRun = reject;
+    });
     this.startHandler(call);
     return settled;
   }
@@ -766,22 +771,6 @@ export class Exchange implements SegmentOwner {
     if (this.rethrow) reject(this.failure);
     else resolve();
   }
-
-  // A promise executor runs synchronously inside `new Promise`, so a module slot hands it
-  // the exchange without allocating a closure per request.
-  private static captureRun(this: void, resolve: (value: typeof DONE) => void, reject: (error: unknown) => void): void {
-    const exchange = capturing!;
-    capturing = undefined;
-    exchange.resolveRun = resolve;
-    exchange.rejectRun = reject;
-  }
-
-  private static captureDecision(this: void, resolve: () => void, reject: (error: unknown) => void): void {
-    const exchange = capturing!;
-    capturing = undefined;
-    exchange.resolveDecision = resolve;
-    exchange.rejectDecision = reject;
-  }
 }
 
 /**
@@ -824,5 +813,3 @@ const RESOLVED = Promise.resolve();
 /** The context of an exchange that has not run, and of routes whose guards never use one. */
 const EMPTY_CONTEXT: CallContext = Object.freeze({});
 
-/** The exchange whose promise is being made (see `captureRun`). */
-let capturing: Exchange | undefined;
