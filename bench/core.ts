@@ -2,6 +2,7 @@
 // function. Each case runs in a fresh process (so JIT state and heap of one case never
 // colour another), rounds are interleaved (so drift of the machine hits every case
 // alike), and the table reports medians. Run with `npm run bench:core` after `npm run build`.
+// Env: ROUNDS (5); CASES=target for only the cases the targets are stated in.
 import { execFileSync } from 'node:child_process';
 import { cpus } from 'node:os';
 import { fileURLToPath } from 'node:url';
@@ -29,6 +30,9 @@ const speedCases = [
   'opossum fire() (default)',
 ];
 const memoryCases = ['heap bulwark circuitBreaker', 'heap cockatiel circuitBreaker', 'heap opossum'];
+// CASES=target: only the cases the targets are stated in, for many rounds in little time.
+const targetCases = ['bare', 'bulwark pipeline(bulkhead, timeout, breaker)', 'cockatiel circuitBreaker', 'opossum fire() (default)', 'heap bulwark circuitBreaker'];
+const chosen = (name: string): boolean => process.env.CASES !== 'target' || targetCases.includes(name);
 
 function runCase(name: string, gc: boolean): number {
   const args = [...(gc ? ['--expose-gc'] : []), '--import', 'tsx', caseScript, name];
@@ -46,7 +50,7 @@ const median = (values: number[]): number => {
 
 const samples = new Map<string, number[]>();
 for (let round = 0; round < rounds; round++) {
-  for (const name of [...speedCases, ...memoryCases]) {
+  for (const name of [...speedCases, ...memoryCases].filter(chosen)) {
     const list = samples.get(name) ?? [];
     list.push(runCase(name, name.startsWith('heap')));
     samples.set(name, list);
@@ -60,7 +64,7 @@ const opossumFire = median(samples.get('opossum fire() (default)')!) - bare;
 console.log(`\n${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} cores, Node ${process.version}, ${rounds} rounds, medians\n`);
 console.log('| case | ns/call | added over bare (ns) | added ÷ cockatiel breaker | added ÷ opossum fire() |');
 console.log('|---|---:|---:|---:|---:|');
-for (const name of speedCases) {
+for (const name of speedCases.filter(chosen)) {
   const value = median(samples.get(name)!);
   const added = value - bare;
   const ratio = (x: number): string => (name === 'bare' ? '' : (added / x).toFixed(2));
@@ -68,4 +72,4 @@ for (const name of speedCases) {
 }
 console.log('\n| 10,000 breakers | heap bytes per breaker |');
 console.log('|---|---:|');
-for (const name of memoryCases) console.log(`| ${name.slice(5)} | ${median(samples.get(name)!).toFixed(0)} |`);
+for (const name of memoryCases.filter(chosen)) console.log(`| ${name.slice(5)} | ${median(samples.get(name)!).toFixed(0)} |`);
