@@ -162,7 +162,8 @@ const GUARDED = 4; // the guard answers; the handler's writes are dropped
 const RELEASED = 5; // the handler's failure stands, the framework answers it
 type Phase = typeof WAITING | typeof RUNNING | typeof FAILED | typeof COMMITTED | typeof GUARDED | typeof RELEASED;
 
-// The exchange's yes/no state, packed in `flags`.
+// The exchange's yes/no state, packed in `flags`. The accessors below read and clear them;
+// the hot paths set a flag with `|=` in place (a setter call there was not inlined).
 const FLAG = {
   POLICY_DONE: 1,
   FAILURE_THROWN: 2,
@@ -230,10 +231,6 @@ export class Exchange implements SegmentOwner {
     return (this.flags & FLAG.POLICY_DONE) !== 0;
   }
 
-  private set policyDone(value: boolean) {
-    this.flags = value ? this.flags | FLAG.POLICY_DONE : this.flags & ~FLAG.POLICY_DONE;
-  }
-
   /** The failure was thrown (or passed on), not a failing status the handler answered with. */
   private get failureThrown(): boolean {
     return (this.flags & FLAG.FAILURE_THROWN) !== 0;
@@ -257,17 +254,9 @@ export class Exchange implements SegmentOwner {
     return (this.flags & FLAG.CLOSED) !== 0;
   }
 
-  private set closed(value: boolean) {
-    this.flags = value ? this.flags | FLAG.CLOSED : this.flags & ~FLAG.CLOSED;
-  }
-
   /** The response closed before it ended: the client went away. */
   private get clientGone(): boolean {
     return (this.flags & FLAG.CLIENT_GONE) !== 0;
-  }
-
-  private set clientGone(value: boolean) {
-    this.flags = value ? this.flags | FLAG.CLIENT_GONE : this.flags & ~FLAG.CLIENT_GONE;
   }
 
   /** The guard ended the connection itself. */
@@ -282,10 +271,6 @@ export class Exchange implements SegmentOwner {
   /** The answer is decided (see `decision()`). */
   private get decided(): boolean {
     return (this.flags & FLAG.DECIDED) !== 0;
-  }
-
-  private set decided(value: boolean) {
-    this.flags = value ? this.flags | FLAG.DECIDED : this.flags & ~FLAG.DECIDED;
   }
 
   /** The handler asked for its signal: it can act the moment a guard's scope aborts. */
@@ -411,7 +396,7 @@ export class Exchange implements SegmentOwner {
 
   /** The timeout of the fused segment passed before the handler's part ended. */
   expired(error: unknown): void {
-    this.policyDone = true;
+    this.flags |= FLAG.POLICY_DONE;
     this.policySettled(true, error);
   }
 
@@ -583,7 +568,7 @@ export class Exchange implements SegmentOwner {
       return;
     }
     if (this.policyDone) return;
-    this.policyDone = true;
+    this.flags |= FLAG.POLICY_DONE;
     this.handled?.finish(outcome, failed);
     this.policySettled(failed, outcome);
   }
@@ -606,10 +591,10 @@ export class Exchange implements SegmentOwner {
 
   /** @internal The response closed: finished, or the connection went away first. */
   onClose(): void {
-    this.closed = true;
+    this.flags |= FLAG.CLOSED;
     const raw = this.target.raw;
     if (!raw.writableEnded && !this.destroyedByGuard) {
-      this.clientGone = true;
+      this.flags |= FLAG.CLIENT_GONE;
       const gone = withoutStack(() => new ClientDisconnectedError());
       // Abort first: a queued call leaves its queue, and breakers see why the call ended.
       this.scope.abort(gone);
@@ -763,7 +748,7 @@ export class Exchange implements SegmentOwner {
 
   private markDecided(): void {
     if (this.decided) return;
-    this.decided = true;
+    this.flags |= FLAG.DECIDED;
     const resolve = this.resolveDecision;
     if (resolve === undefined) return;
     const reject = this.rejectDecision!;
