@@ -3,8 +3,11 @@
 // and fixed seeds: no background threads, no timing dependence), is warmed up, and then the
 // user-space instructions it executes for a fixed number of requests are counted. TurboFan
 // still compiles during that window (on the main thread), so counts repeat only to about
-// ±0.6 % of a request, still far closer than CPU time on a shared machine. It leaves out the kernel (the same for
-// every case) and runs ~50x slower than normal: use it to compare, not to size a server.
+// ±0.5–1 % of a request, still far closer than CPU time on a shared machine. It leaves out
+// the kernel (the same for every case) and runs ~50x slower than normal: use it to compare,
+// not to size a server. Timers tick by the wall clock, so under valgrind a guarded route's
+// timeout queue ticks every few requests instead of every thousand (on Fastify about 500
+// instructions a request that real traffic does not pay).
 // Needs valgrind. Run `npm run build`, then `npx tsx bench/http-instructions.ts [framework…]`.
 // Env: REQUESTS (3000), WARMUP requests (6000) in WARMUP_RUNS runs (3), CONNECTIONS (1), VARIANTS (bare,bulwark-empty,bulwark).
 import { execFileSync, spawn } from 'node:child_process';
