@@ -59,6 +59,8 @@ describe('dashboard in a real browser', function () {
   let browser: Browser;
 
   before(async function () {
+    // Launching Chromium took over 20 s once, with both cores busy; it normally takes 1–2.
+    this.timeout(60_000);
     if (!existsSync(CHROMIUM)) {
       throw new Error(`Chromium is missing at ${CHROMIUM}: install it (apt-get install -y chromium) or set CHROMIUM_PATH`);
     }
