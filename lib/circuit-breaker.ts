@@ -309,9 +309,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     const admitted = token as MachineState;
     if (ending === ENDED_OK) this.settleResult(admitted, outcome, NaN);
     else if (ending === ENDED_FAILED) this.settleError(admitted, outcome, NaN);
-    // As in `runScoped`: a timeout is a failure, any other abort says nothing.
-    else if (isGuardRejection(outcome) && outcome.reason === 'timeout') this.settleError(admitted, outcome, NaN);
-    else this.settleIgnored(admitted, outcome, NaN);
+    else this.settleAborted(admitted, outcome, NaN);
   }
 
   stats(): CircuitBreakerStats {
@@ -455,8 +453,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
       scope.onAbort((reason) => {
         if (settled) return;
         settled = true;
-        if (isGuardRejection(reason) && reason.reason === 'timeout') this.settleError(admitted, reason, start);
-        else this.settleIgnored(admitted, reason, start);
+        this.settleAborted(admitted, reason, start);
       });
     }
     let promise: Promise<T>;
@@ -511,6 +508,12 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
   private settleError(admitted: MachineState, error: unknown, start: number): void {
     if (isClientDisconnected(error) || this.excluded(error)) this.settleIgnored(admitted, error, start);
     else this.record(admitted, this.isFailure === undefined || ask(this.isFailure, error) ? FAILED : 0, error, start);
+  }
+
+  /** The call was cancelled: a timeout is a failure, any other abort (the caller went away) says nothing. */
+  private settleAborted(admitted: MachineState, reason: unknown, start: number): void {
+    if (isGuardRejection(reason) && reason.reason === 'timeout') this.settleError(admitted, reason, start);
+    else this.settleIgnored(admitted, reason, start);
   }
 
   private excluded(error: unknown): boolean {

@@ -1,6 +1,6 @@
 import { Scope } from './cancellation.js';
 import type { DeadlineEntry } from './deadline-queue.js';
-import { observe, promiseFor, type Observer } from './settlers.js';
+import { observe, promiseFor, settle, type Observer } from './settlers.js';
 import { Call, invoke, runPolicy, type CallContext, type InternalFunction, type Policy } from './policy.js';
 
 // A pipeline of guards that each wrap the call in a promise of their own pays for every
@@ -152,7 +152,7 @@ export class FusedSegment {
         const policy = policies[i]!;
         if (i === timeoutAt) {
           // The segment's own record is the call the guards inside the timeout see.
-          fused.time(policy as DeadlineGuard);
+          (policy as DeadlineGuard)[deadline](fused);
           inner = fused;
           fused.entered = i + 1;
           continue;
@@ -288,10 +288,6 @@ export class FusedCall extends Call implements TimedCall, Observer {
     return this.moreTokens?.[index - 3];
   }
 
-  time(guard: DeadlineGuard): void {
-    guard[deadline](this);
-  }
-
   /** Hands back the caller's promise for `result`, and arranges for the guards to hear how it ends. */
   answer(result: unknown): Promise<unknown> {
     // Cheaper than Promise.resolve(), which looks up `constructor` to tell a native promise.
@@ -313,10 +309,7 @@ export class FusedCall extends Call implements TimedCall, Observer {
   settled(outcome: unknown, failed: boolean): void {
     if (this.done) return;
     this.finish(outcome, failed);
-    if (this.resolve !== undefined) {
-      if (failed) this.reject!(outcome);
-      else this.resolve(outcome);
-    }
+    if (this.resolve !== undefined) settle(this, outcome, failed);
   }
 
   /**
@@ -330,6 +323,9 @@ export class FusedCall extends Call implements TimedCall, Observer {
       const { policies, timeoutAt } = this.segment;
       if (!(policies[timeoutAt] as DeadlineGuard).finish(this, outcome, failed)) return;
     }
+    // The caller's abort is checked here and in timedOut() rather than once in leaveAll():
+    // folded in there, V8 inlined leaveAll into this method and no longer the timeout's
+    // finish (95 more instructions per call, measured).
     if (this.callerAborted()) this.leaveAll(ENDED_ABORTED, this.outer!.abortReason);
     else this.leaveAll(failed ? ENDED_FAILED : ENDED_OK, outcome);
   }

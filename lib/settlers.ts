@@ -24,6 +24,12 @@ export function promiseFor<T>(holder: Settlers): Promise<T> {
   });
 }
 
+/** Settles the promise `promiseFor(holder)` made: rejects with `outcome` when `failed`, else resolves. */
+export function settle(holder: Settlers, outcome: unknown, failed: boolean): void {
+  if (failed) holder.reject!(outcome);
+  else holder.resolve!(outcome);
+}
+
 /** What hears how a promise settled (`observe`). */
 export interface Observer {
   settled(outcome: unknown, failed: boolean): void;

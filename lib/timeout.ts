@@ -1,7 +1,7 @@
 import { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { DeadlineQueue } from './deadline-queue.js';
-import { observe, promiseFor, type Observer } from './settlers.js';
+import { observe, promiseFor, settle, type Observer } from './settlers.js';
 import { deadline, type TimedCall } from './fused.js';
 import { TimeoutError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
@@ -149,9 +149,7 @@ class PendingCall extends Scope implements TimedCall, Observer {
 
   /** The function settled, one way or the other; ignored once the deadline has passed. */
   settled(outcome: unknown, failed: boolean): void {
-    if (!this.timer.finish(this, outcome, failed)) return;
-    if (failed) this.reject!(outcome);
-    else this.resolve!(outcome);
+    if (this.timer.finish(this, outcome, failed)) settle(this, outcome, failed);
   }
 
   timedOut(error: TimeoutError): void {
