@@ -162,20 +162,30 @@ const GUARDED = 4; // the guard answers; the handler's writes are dropped
 const RELEASED = 5; // the handler's failure stands, the framework answers it
 type Phase = typeof WAITING | typeof RUNNING | typeof FAILED | typeof COMMITTED | typeof GUARDED | typeof RELEASED;
 
-// The exchange's yes/no state, packed in `flags`. The accessors below read and clear them;
-// the hot paths set a flag with `|=` in place (a setter call there was not inlined).
+// The exchange's yes/no state, packed in `flags` (`has`, `mark`): one field rather than ten per request.
 const FLAG = {
+  /** Direct path: the policy's part of the call is over (ended, or ran out of time). */
   POLICY_DONE: 1,
+  /** The failure was thrown (or passed on), not a failing status the handler answered with. */
   FAILURE_THROWN: 2,
+  /** The failure counts as one for the policy (`isFailure`). */
   FAILURE_COUNTS: 4,
+  /** The response closed. */
   CLOSED: 8,
+  /** The response closed before it ended: the client went away. */
   CLIENT_GONE: 16,
+  /** The guard ended the connection itself. */
   DESTROYED_BY_GUARD: 32,
+  /** The answer is decided (see `decision()`). */
   DECIDED: 64,
+  /** The handler asked for its signal: it can act the moment a guard's scope aborts. */
   SIGNAL_READ: 128,
+  /** Listening on the scope of a guard's call (`watchCall`). */
   WATCHING_CALL: 256,
+  /** `decision()` rejects with the failure (`rethrowOnDecision`). */
   RETHROW: 512,
 } as const;
+type Flag = (typeof FLAG)[keyof typeof FLAG];
 
 /**
  * The per-request state machine shared by the adapters. An adapter either hands it a
@@ -196,7 +206,7 @@ export class Exchange implements SegmentOwner {
   private described: HttpRequest | undefined;
   private call: Call | undefined = undefined;
   private phase: Phase = WAITING;
-  /** The yes/no state below, one bit each (see `FLAG`): one field rather than ten per request. */
+  /** One bit per `FLAG`. */
   private flags = 0;
   private starter: (() => void) | undefined = undefined;
   /**
@@ -226,78 +236,12 @@ export class Exchange implements SegmentOwner {
     this.target = target ?? (this as unknown as ResponseTarget);
   }
 
-  /** Direct path: the policy's part of the call is over (ended, or ran out of time). */
-  private get policyDone(): boolean {
-    return (this.flags & FLAG.POLICY_DONE) !== 0;
+  private has(flag: Flag): boolean {
+    return (this.flags & flag) !== 0;
   }
 
-  /** The failure was thrown (or passed on), not a failing status the handler answered with. */
-  private get failureThrown(): boolean {
-    return (this.flags & FLAG.FAILURE_THROWN) !== 0;
-  }
-
-  private set failureThrown(value: boolean) {
-    this.flags = value ? this.flags | FLAG.FAILURE_THROWN : this.flags & ~FLAG.FAILURE_THROWN;
-  }
-
-  /** The failure counts as one for the policy (`isFailure`). */
-  private get failureCounts(): boolean {
-    return (this.flags & FLAG.FAILURE_COUNTS) !== 0;
-  }
-
-  private set failureCounts(value: boolean) {
-    this.flags = value ? this.flags | FLAG.FAILURE_COUNTS : this.flags & ~FLAG.FAILURE_COUNTS;
-  }
-
-  /** The response closed. */
-  private get closed(): boolean {
-    return (this.flags & FLAG.CLOSED) !== 0;
-  }
-
-  /** The response closed before it ended: the client went away. */
-  private get clientGone(): boolean {
-    return (this.flags & FLAG.CLIENT_GONE) !== 0;
-  }
-
-  /** The guard ended the connection itself. */
-  private get destroyedByGuard(): boolean {
-    return (this.flags & FLAG.DESTROYED_BY_GUARD) !== 0;
-  }
-
-  private set destroyedByGuard(value: boolean) {
-    this.flags = value ? this.flags | FLAG.DESTROYED_BY_GUARD : this.flags & ~FLAG.DESTROYED_BY_GUARD;
-  }
-
-  /** The answer is decided (see `decision()`). */
-  private get decided(): boolean {
-    return (this.flags & FLAG.DECIDED) !== 0;
-  }
-
-  /** The handler asked for its signal: it can act the moment a guard's scope aborts. */
-  private get signalRead(): boolean {
-    return (this.flags & FLAG.SIGNAL_READ) !== 0;
-  }
-
-  private set signalRead(value: boolean) {
-    this.flags = value ? this.flags | FLAG.SIGNAL_READ : this.flags & ~FLAG.SIGNAL_READ;
-  }
-
-  /** Listening on the scope of a guard's call (`watchCall`). */
-  private get watchingCall(): boolean {
-    return (this.flags & FLAG.WATCHING_CALL) !== 0;
-  }
-
-  private set watchingCall(value: boolean) {
-    this.flags = value ? this.flags | FLAG.WATCHING_CALL : this.flags & ~FLAG.WATCHING_CALL;
-  }
-
-  /** `decision()` rejects with the failure (`rethrowOnDecision`). */
-  private get rethrow(): boolean {
-    return (this.flags & FLAG.RETHROW) !== 0;
-  }
-
-  private set rethrow(value: boolean) {
-    this.flags = value ? this.flags | FLAG.RETHROW : this.flags & ~FLAG.RETHROW;
+  private mark(flag: Flag, on = true): void {
+    this.flags = on ? this.flags | flag : this.flags & ~flag;
   }
 
   /** The context handed through the policy (`{ request }` when a guard may read it); made by `run()`. */
@@ -318,7 +262,7 @@ export class Exchange implements SegmentOwner {
   /** The handler's signal: aborts on timeout and when the client goes away. Made on first read. */
   get signal(): AbortSignal {
     const call = this.call;
-    this.signalRead = true;
+    this.mark(FLAG.SIGNAL_READ);
     if (call === undefined) return this.scope.signal;
     this.watchCall();
     return call.signal;
@@ -326,7 +270,7 @@ export class Exchange implements SegmentOwner {
 
   /** True while the handler runs and has not answered: its first write decides (`respond`). */
   get accepting(): boolean {
-    return this.phase === RUNNING && !this.closed;
+    return this.phase === RUNNING && !this.has(FLAG.CLOSED);
   }
 
   /** True once the guard took the response from the handler, or holds the handler's failure. */
@@ -358,9 +302,9 @@ export class Exchange implements SegmentOwner {
     // Guards that never read the context never write it either (only rateLimit writes it,
     // and it reads the request): they share one frozen empty context.
     const context: CallContext = this.guard.exposesRequest ? { request: this.request } : EMPTY_CONTEXT;
-    // A bound function rather than an arrow-function field: no closure context, and no run
+    // A bound method rather than an arrow-function field: no closure context, and no run
     // through V8's lazy-compile stub, on every request.
-    listenClose(this.target.raw, closed.bind(this));
+    listenClose(this.target.raw, this.onClose.bind(this));
     // A scope asked for before (an early read of `signal`) carries over.
     const call = (this.root = new RequestCall(context, this.root?.madeScope));
     const segment = this.guard.segment;
@@ -396,7 +340,7 @@ export class Exchange implements SegmentOwner {
 
   /** The timeout of the fused segment passed before the handler's part ended. */
   expired(error: unknown): void {
-    this.flags |= FLAG.POLICY_DONE;
+    this.mark(FLAG.POLICY_DONE);
     this.policySettled(true, error);
   }
 
@@ -406,7 +350,7 @@ export class Exchange implements SegmentOwner {
    * rethrown (`rethrowOnDecision`).
    */
   decision(): Promise<void> {
-    if (this.decided) return this.rethrow ? Promise.reject(this.failure) : Promise.resolve();
+    if (this.has(FLAG.DECIDED)) return this.has(FLAG.RETHROW) ? Promise.reject(this.failure) : Promise.resolve();
     if (this.decisionMade === undefined) {
       // An arrow at `new Promise` is inlined with the constructor: no closure is made.
       this.decisionMade = new Promise<void>((resolve, reject) => {
@@ -422,17 +366,17 @@ export class Exchange implements SegmentOwner {
     if (this.phase === RUNNING && !this.target.raw.headersSent) {
       this.phase = FAILED;
       this.failure = error;
-      this.failureThrown = true;
-      this.failureCounts = this.guard.failed(errorStatus(error), error);
-      if (this.failureCounts) this.rejectHandler(error);
+      this.mark(FLAG.FAILURE_THROWN);
+      this.mark(FLAG.FAILURE_COUNTS, this.guard.failed(errorStatus(error), error));
+      if (this.has(FLAG.FAILURE_COUNTS)) this.rejectHandler(error);
       else this.resolveHandler();
       return;
     }
     const started = this.phase === COMMITTED || this.phase === RUNNING;
-    if (started && !this.target.raw.writableEnded && !this.closed) {
+    if (started && !this.target.raw.writableEnded && !this.has(FLAG.CLOSED)) {
       // An answer broken off halfway can be neither finished nor replaced: end the connection.
       this.failure = error;
-      this.failureCounts = this.guard.failed(errorStatus(error), error);
+      this.mark(FLAG.FAILURE_COUNTS, this.guard.failed(errorStatus(error), error));
       this.destroyConnection();
     }
     // Otherwise it comes after the answer was decided: ignored, by design.
@@ -448,8 +392,8 @@ export class Exchange implements SegmentOwner {
     if (failed && this.guard.degradable) {
       this.phase = FAILED;
       this.failure = withoutStack(() => new FailedResponseError(status));
-      this.failureThrown = false;
-      this.failureCounts = true;
+      this.mark(FLAG.FAILURE_THROWN, false);
+      this.mark(FLAG.FAILURE_COUNTS);
       this.rejectHandler(this.failure);
       return true;
     }
@@ -468,7 +412,7 @@ export class Exchange implements SegmentOwner {
 
   /** For a target whose `release(error, true)` hands the error back to the framework through `decision()` (Koa). */
   protected rethrowOnDecision(): void {
-    this.rethrow = true;
+    this.mark(FLAG.RETHROW);
   }
 
   private cacheKey(): string | undefined {
@@ -483,7 +427,7 @@ export class Exchange implements SegmentOwner {
   /** Runs the handler for a policy that admitted the call in its own time; settles when the handler's part ends. */
   runDeferred(call: Call): Promise<typeof DONE> {
     if (this.phase !== WAITING) return Promise.reject(new TypeError('bulwark: a route handler cannot run twice'));
-    if (this.clientGone) return Promise.reject(this.scope.reason);
+    if (this.has(FLAG.CLIENT_GONE)) return Promise.reject(this.scope.reason);
     const settled = new Promise<typeof DONE>((resolve, reject) => {
       this.resolveRun = resolve;
       this.rejectRun = reject;
@@ -504,7 +448,7 @@ export class Exchange implements SegmentOwner {
     // Whatever throws from here on is the handler's failure, so that the guards that
     // admitted the call always hear how it ended.
     try {
-      if (this.signalRead) this.watchCall();
+      if (this.has(FLAG.SIGNAL_READ)) this.watchCall();
       const rateLimit = this.context.rateLimit;
       if (rateLimit !== undefined) this.target.setHeaders(rateLimitHeaders(rateLimit));
       if (this.starter !== undefined) this.starter();
@@ -516,7 +460,7 @@ export class Exchange implements SegmentOwner {
 
   /** The handler's part of the call is still open (its outcome not yet handed to the policy). */
   private get handlerOpen(): boolean {
-    return this.handled === undefined ? this.rejectRun !== undefined : this.phase !== WAITING && !this.policyDone;
+    return this.handled === undefined ? this.rejectRun !== undefined : this.phase !== WAITING && !this.has(FLAG.POLICY_DONE);
   }
 
   /**
@@ -542,12 +486,12 @@ export class Exchange implements SegmentOwner {
    * other write comes after the policy's rejection has reached `conclude`.
    */
   private watchCall(): void {
-    if (this.watchingCall) return;
+    if (this.has(FLAG.WATCHING_CALL)) return;
     // Not the request's own scope, which only the client going away aborts (`onClose`).
     const call = this.call;
     const scope = call === this.root ? undefined : call?.scope;
     if (scope === undefined || scope === this.root?.madeScope) return;
-    this.watchingCall = true;
+    this.mark(FLAG.WATCHING_CALL);
     scope.onAbort((reason) => this.onCallAbort(reason));
   }
 
@@ -567,14 +511,14 @@ export class Exchange implements SegmentOwner {
       settle?.(outcome as typeof DONE);
       return;
     }
-    if (this.policyDone) return;
-    this.flags |= FLAG.POLICY_DONE;
+    if (this.has(FLAG.POLICY_DONE)) return;
+    this.mark(FLAG.POLICY_DONE);
     this.handled?.finish(outcome, failed);
     this.policySettled(failed, outcome);
   }
 
   private onCallAbort(reason: unknown): void {
-    if (!isGuardRejection(reason) || this.closed) return;
+    if (!isGuardRejection(reason) || this.has(FLAG.CLOSED)) return;
     if (this.phase === RUNNING && !this.target.raw.headersSent) {
       this.phase = GUARDED;
       this.target.takeOver();
@@ -585,16 +529,16 @@ export class Exchange implements SegmentOwner {
   }
 
   private destroyConnection(): void {
-    this.destroyedByGuard = true;
+    this.mark(FLAG.DESTROYED_BY_GUARD);
     this.target.raw.destroy();
   }
 
-  /** @internal The response closed: finished, or the connection went away first. */
-  onClose(): void {
-    this.flags |= FLAG.CLOSED;
+  /** The response closed: finished, or the connection went away first. */
+  private onClose(): void {
+    this.mark(FLAG.CLOSED);
     const raw = this.target.raw;
-    if (!raw.writableEnded && !this.destroyedByGuard) {
-      this.flags |= FLAG.CLIENT_GONE;
+    if (!raw.writableEnded && !this.has(FLAG.DESTROYED_BY_GUARD)) {
+      this.mark(FLAG.CLIENT_GONE);
       const gone = withoutStack(() => new ClientDisconnectedError());
       // Abort first: a queued call leaves its queue, and breakers see why the call ended.
       this.scope.abort(gone);
@@ -608,7 +552,7 @@ export class Exchange implements SegmentOwner {
     // held its permit until now).
     const call = this.call;
     if (call !== undefined && call.aborted) this.rejectHandler(call.abortReason);
-    else if (this.failure !== undefined && this.failureCounts) this.rejectHandler(this.failure);
+    else if (this.failure !== undefined && this.has(FLAG.FAILURE_COUNTS)) this.rejectHandler(this.failure);
     else if (this.failedStatus !== 0) this.rejectHandler(withoutStack(() => new FailedResponseError(this.failedStatus)));
     else if (this.phase === RUNNING && this.guard.failed(raw.statusCode, undefined)) this.rejectHandler(withoutStack(() => new FailedResponseError(raw.statusCode)));
     else this.resolveHandler();
@@ -621,7 +565,7 @@ export class Exchange implements SegmentOwner {
 
   /** The common case: the handler answered (or still answers) and its answer stands; nothing is left to do. */
   private get answerStands(): boolean {
-    return (this.phase === COMMITTED || this.phase === RUNNING) && !this.clientGone;
+    return (this.phase === COMMITTED || this.phase === RUNNING) && !this.has(FLAG.CLIENT_GONE);
   }
 
   private onRejected(error: unknown): void {
@@ -631,7 +575,7 @@ export class Exchange implements SegmentOwner {
   /** The policy settled: decide what the client gets, unless the handler's answer stands. */
   private async conclude(rejected: boolean, outcome: unknown): Promise<void> {
     try {
-      if (this.clientGone) return;
+      if (this.has(FLAG.CLIENT_GONE)) return;
       const phase = this.phase;
       if (phase === GUARDED) {
         // Taken from the handler when a guard's scope aborted with a rejection (a timeout).
@@ -644,13 +588,13 @@ export class Exchange implements SegmentOwner {
         else await this.answerFailure();
       } else if (this.committed()) {
         // The handler's answer stands; a rejection that came while it streamed ends it.
-        if (rejected && isGuardRejection(outcome) && !this.target.raw.writableEnded && !this.closed) this.destroyConnection();
+        if (rejected && isGuardRejection(outcome) && !this.target.raw.writableEnded && !this.has(FLAG.CLOSED)) this.destroyConnection();
       } else if (phase === WAITING) {
         if (rejected) {
           // Not a rejection: a policy's own error. A failed route, and no detail reaches the client.
           this.failure = outcome;
-          this.failureThrown = true;
-          this.failureCounts = true;
+          this.mark(FLAG.FAILURE_THROWN);
+          this.mark(FLAG.FAILURE_COUNTS);
           await this.answerFailure();
         } else if (outcome !== DONE) {
           // A `fallback()` inside the policy answered: serve its value like the adapter's fallback.
@@ -660,7 +604,7 @@ export class Exchange implements SegmentOwner {
       // RUNNING, with anything but a rejection: the handler still answers, and that stands.
     } catch {
       // Writing the answer failed (the framework threw): the connection cannot be trusted.
-      if (!this.target.raw.writableEnded && !this.closed) this.destroyConnection();
+      if (!this.target.raw.writableEnded && !this.has(FLAG.CLOSED)) this.destroyConnection();
     } finally {
       this.markDecided();
       this.stopHandler(rejected ? outcome : undefined);
@@ -686,7 +630,7 @@ export class Exchange implements SegmentOwner {
   }
 
   private async answerFailure(): Promise<void> {
-    if (this.failureCounts) {
+    if (this.has(FLAG.FAILURE_COUNTS)) {
       const answer = await this.degrade({ reason: 'error', error: this.failure, request: this.request });
       if (answer !== undefined) {
         this.takeOverResponse();
@@ -694,9 +638,9 @@ export class Exchange implements SegmentOwner {
         return;
       }
     }
-    if (this.clientGone) return;
+    if (this.has(FLAG.CLIENT_GONE)) return;
     this.phase = RELEASED;
-    this.target.release(this.failure, this.failureThrown);
+    this.target.release(this.failure, this.has(FLAG.FAILURE_THROWN));
   }
 
   private async answerDegraded(data: unknown, reason: AnswerReason): Promise<void> {
@@ -729,10 +673,10 @@ export class Exchange implements SegmentOwner {
   }
 
   private deliver(answer: HttpAnswer): void {
-    if (this.clientGone) return;
+    if (this.has(FLAG.CLIENT_GONE)) return;
     const raw = this.target.raw;
     if (raw.headersSent) {
-      if (!raw.writableEnded && !this.closed) this.destroyConnection();
+      if (!raw.writableEnded && !this.has(FLAG.CLOSED)) this.destroyConnection();
       return;
     }
     this.target.send(answer);
@@ -743,17 +687,17 @@ export class Exchange implements SegmentOwner {
     const scope = this.call?.scope;
     if (scope === undefined || scope.aborted) return;
     if (this.phase === GUARDED) scope.abort(rejection ?? this.failure);
-    else if (this.phase === RELEASED && this.failureCounts) scope.abort(this.failure);
+    else if (this.phase === RELEASED && this.has(FLAG.FAILURE_COUNTS)) scope.abort(this.failure);
   }
 
   private markDecided(): void {
-    if (this.decided) return;
-    this.flags |= FLAG.DECIDED;
+    if (this.has(FLAG.DECIDED)) return;
+    this.mark(FLAG.DECIDED);
     const resolve = this.resolveDecision;
     if (resolve === undefined) return;
     const reject = this.rejectDecision!;
     this.resolveDecision = this.rejectDecision = undefined;
-    if (this.rethrow) reject(this.failure);
+    if (this.has(FLAG.RETHROW)) reject(this.failure);
     else resolve();
   }
 }
@@ -775,10 +719,6 @@ class RequestCall extends Call {
   get madeScope(): Scope | undefined {
     return this.cancellation;
   }
-}
-
-function closed(this: Exchange): void {
-  this.onClose();
 }
 
 const on = EventEmitter.prototype.on;
