@@ -66,11 +66,11 @@ export class Pipeline extends BasePolicy<PipelineStats> {
 
   /** @internal The single fused segment this pipeline runs as; null when it is empty, undefined when it is more than one segment. */
   get segment(): FusedSegment | null | undefined {
+    if (this.lone !== undefined) return this.lone;
     const parts = this.parts;
     if (parts.length === 0) return null;
-    if (parts.length > 1) return undefined;
-    const only = parts[0]!;
-    return only instanceof FusedSegment ? only : soleSegment(only);
+    // One part that is not a fused segment: a guard on its own.
+    return parts.length > 1 ? undefined : soleSegment(parts[0] as Policy);
   }
 
   stats(): PipelineStats {
