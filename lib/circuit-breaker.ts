@@ -500,7 +500,7 @@ export class CircuitBreaker extends BasePolicy<CircuitBreakerStats, CircuitBreak
     const window = this.window;
     if (admitted !== this.current || admitted.state !== 'closed' || this.events !== undefined || window.needsTime || window.calls < this.minimumCalls) return false;
     this.successes++;
-    window.recordSuccess(NaN);
+    window.record(0, NaN);
     this.consecutive = 0;
     return true;
   }

@@ -1,4 +1,4 @@
-import { FAILED, SLOW, type Outcome, type OutcomeWindow } from './types.js';
+import { FAILED, type Outcome, type OutcomeWindow } from './types.js';
 
 // Fifteen 2-bit outcomes per element keeps every element within 30 bits, a small integer
 // (Smi) on every V8 build, so the array stays a packed array of integers: a window of
@@ -35,26 +35,6 @@ export class CountWindow implements OutcomeWindow {
     const index = (position / PER_WORD) | 0;
     const shift = (position - index * PER_WORD) << 1;
     const word = words[index]!;
-    if (this.calls === this.size) {
-      const evicted = (word >>> shift) & 3;
-      this.failures -= evicted & FAILED;
-      this.slowCalls -= evicted >>> 1;
-    } else {
-      this.calls++;
-    }
-    words[index] = (word & ~(3 << shift)) | (outcome << shift);
-    this.next = position + 1 === this.size ? 0 : position + 1;
-    this.failures += outcome & FAILED;
-    this.slowCalls += (outcome & SLOW) >>> 1;
-  }
-
-  recordSuccess(_now: number): void {
-    const words = this.words;
-    if (words === undefined) return this.record(0, NaN);
-    const position = this.next;
-    const index = (position / PER_WORD) | 0;
-    const shift = (position - index * PER_WORD) << 1;
-    const word = words[index]!;
     const held = (word >>> shift) & 3;
     if (this.calls === this.size) {
       this.failures -= held & FAILED;
@@ -62,10 +42,13 @@ export class CountWindow implements OutcomeWindow {
     } else {
       this.calls++;
     }
-    // A success is all zero bits: the slot needs writing only when it holds something
-    // (the evicted outcome, or bits left over from before a clear()).
-    if (held !== 0) words[index] = word & ~(3 << shift);
+    // Most outcomes are successes written over successes: the slot then stays as it is.
+    if (held !== outcome) words[index] = (word & ~(3 << shift)) | (outcome << shift);
     this.next = position + 1 === this.size ? 0 : position + 1;
+    if (outcome !== 0) {
+      this.failures += outcome & FAILED;
+      this.slowCalls += outcome >>> 1;
+    }
   }
 
   roll(_now: number): void {}

@@ -33,10 +33,6 @@ export class TimeWindow implements OutcomeWindow {
     return true;
   }
 
-  recordSuccess(now: number): void {
-    this.record(0, now);
-  }
-
   record(outcome: Outcome, now: number): void {
     this.roll(now);
     const counts = (this.counts ??= Array.from({ length: this.buckets * 3 }, () => 0));

@@ -37,8 +37,6 @@ export interface OutcomeWindow {
   readonly failures: number;
   readonly slowCalls: number;
   record(outcome: Outcome, now: number): void;
-  /** `record(0, now)`, the outcome most calls have, on a path of its own. */
-  recordSuccess(now: number): void;
   /** Drops what has left the window by `now` (time windows only). */
   roll(now: number): void;
   clear(): void;
