@@ -3,7 +3,7 @@
 
 import type { FastifyInstance, FastifyPluginCallback, FastifyReply, FastifyRequest, RouteHandlerMethod, RouteOptions } from 'fastify';
 import fp from 'fastify-plugin';
-import { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
+import { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type RawResponse, type ResponseTarget } from '../lib/http.js';
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
@@ -134,17 +134,33 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
     return httpRequest(request.ip, request.method, request.url, request.headers);
   }
 
+  /**
+   * The client going away is heard through the socket while the handler works; the end of
+   * the response, right after the send that ends it (`checkpoint`). Fastify's replies go
+   * out within `send`, so most requests never need a listener of their own. Not over
+   * HTTP/2: there a client cancels one stream and the connection stays.
+   */
+  protected override listen(raw: RawResponse): void {
+    const request = this.req.raw;
+    if (request.httpVersionMajor !== 1 || !this.watchSocket(request.socket)) super.listen(raw);
+  }
+
   start(): void {
     const result = this.handler.call(this.instance, this.req, this.reply) as unknown;
     // Heard through bound functions rather than two arrow closures and their context.
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') observe(result as PromiseLike<unknown>, this);
-    else if (result !== undefined) this.reply.send(result);
+    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
+      observe(result as PromiseLike<unknown>, this);
+      return;
+    }
+    if (result !== undefined) this.reply.send(result);
+    this.checkpoint();
   }
 
   /** @internal An async handler settled. */
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome);
     else this.returned(outcome);
+    this.checkpoint();
   }
 
   /** The handler's `reply.send`: decides, holds or drops it (a late one never reaches Fastify). */
@@ -163,7 +179,9 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
       // Late: the guard answers, or the failure's answer is out already.
       return reply;
     }
-    return (reply as GuardedReply)[ORIGINAL_SEND].call(reply, payload);
+    (reply as GuardedReply)[ORIGINAL_SEND].call(reply, payload);
+    this.checkpoint();
+    return reply;
   }
 
   /** What an async handler resolved with, sent the way Fastify would. */

@@ -16,12 +16,17 @@ import { Call, runPolicy, type CallContext } from '../policy.js';
 import { degradedAnswer, rateLimitHeaders, rejectionAnswer, type AnswerReason, type HttpAnswer } from './answers.js';
 import type { HeaderReader, HttpRequest } from './cache.js';
 import { errorStatus, type FallbackContext, type HttpGuard } from './options.js';
+import { unwatchSocket, watchSocket, type SocketWatcher, type WatchableSocket } from './socket-watch.js';
 
 /** The part of Node's `ServerResponse` the exchange watches. */
 export interface RawResponse {
   readonly headersSent: boolean;
   readonly writableEnded: boolean;
   readonly statusCode: number;
+  /** Null while the response waits behind an earlier one on its connection (HTTP/1.1 pipelining). */
+  readonly socket?: object | null;
+  /** The request it answers, whose socket is the connection's. */
+  readonly req?: { readonly socket?: WatchableSocket | null };
   on(event: 'close', listener: () => void): unknown;
   destroy(error?: Error): unknown;
 }
@@ -170,7 +175,7 @@ const FLAG = {
   FAILURE_THROWN: 2,
   /** The failure counts as one for the policy (`isFailure`). */
   FAILURE_COUNTS: 4,
-  /** The response closed. */
+  /** The response is over: it ended (the last write went out) or it closed. */
   CLOSED: 8,
   /** The response closed before it ended: the client went away. */
   CLIENT_GONE: 16,
@@ -184,6 +189,10 @@ const FLAG = {
   WATCHING_CALL: 256,
   /** `decision()` rejects with the failure (`rethrowOnDecision`). */
   RETHROW: 512,
+  /** Hearing of the client going away through the socket (`watchSocket`). */
+  WATCHING_SOCKET: 1024,
+  /** Something hears the response end by itself (a `close` listener, Koa's watch). */
+  HEARS_END: 2048,
 } as const;
 type Flag = (typeof FLAG)[keyof typeof FLAG];
 
@@ -198,7 +207,7 @@ type Flag = (typeof FLAG)[keyof typeof FLAG];
  * exchange.run(() => next());           // the handler runs when the policy admits it
  * // the adapter reports: exchange.fail(error), exchange.respond(status), exchange.offer(…)
  */
-export class Exchange implements SegmentOwner {
+export class Exchange implements SegmentOwner, SocketWatcher {
   /** The request's own call; its cancellation scope is made only when something needs one. */
   private root: RequestCall | undefined = undefined;
   readonly guard: HttpGuard;
@@ -225,6 +234,7 @@ export class Exchange implements SegmentOwner {
   private resolveDecision: (() => void) | undefined = undefined;
   private rejectDecision: ((error: unknown) => void) | undefined = undefined;
   private key: string | undefined | null = null;
+  private socket: WatchableSocket | undefined = undefined;
 
   /**
    * @param request the request as guards see it; leave it out when the target can `describe()` it
@@ -302,9 +312,11 @@ export class Exchange implements SegmentOwner {
     // Guards that never read the context never write it either (only rateLimit writes it,
     // and it reads the request): they share one frozen empty context.
     const context: CallContext = this.guard.exposesRequest ? { request: this.request } : EMPTY_CONTEXT;
-    // A bound method rather than an arrow-function field: no closure context, and no run
-    // through V8's lazy-compile stub, on every request.
-    listenClose(this.target.raw, this.onClose.bind(this));
+    const raw = this.target.raw;
+    this.listen(raw);
+    // A response queued behind another on its connection never closes if the connection
+    // dies first: only the socket tells.
+    if (raw.socket === null && !this.has(FLAG.WATCHING_SOCKET)) this.watchSocket(raw.req?.socket);
     // A scope asked for before (an early read of `signal`) carries over.
     const call = (this.root = new RequestCall(context, this.root?.madeScope));
     const segment = this.guard.segment;
@@ -533,9 +545,68 @@ export class Exchange implements SegmentOwner {
     this.target.raw.destroy();
   }
 
-  /** The response closed: finished, or the connection went away first. */
-  private onClose(): void {
+  /**
+   * Arranges for `onClose()` to run once the response is over: by default a `close`
+   * listener on it. An adapter with a cheaper way overrides this: Koa joins the watch Koa
+   * already keeps (`heardEnd`), Fastify watches the socket (`watchSocket`, `checkpoint`).
+   */
+  protected listen(raw: RawResponse): void {
+    this.hearEnd(raw);
+  }
+
+  /** The response's `close` calls `onClose()`. */
+  private hearEnd(raw: RawResponse): void {
+    this.mark(FLAG.HEARS_END);
+    // A bound method rather than an arrow function: no closure context, and no run through
+    // V8's lazy-compile stub, on every request.
+    listenClose(raw, this.onClose.bind(this));
+  }
+
+  /** For an adapter that hears the response end its own way, which calls `onClose()`. */
+  protected heardEnd(): void {
+    this.mark(FLAG.HEARS_END);
+  }
+
+  /**
+   * Hears of the client going away through `socket`, one listener per connection, until
+   * the response is over. False when the socket is closed already (or missing).
+   */
+  protected watchSocket(socket: WatchableSocket | null | undefined): boolean {
+    if (socket === null || socket === undefined || !watchSocket(socket, this)) return false;
+    this.socket = socket;
+    this.mark(FLAG.WATCHING_SOCKET);
+    return true;
+  }
+
+  /** @internal The watched socket closed. */
+  socketClosed(): void {
+    if (!this.has(FLAG.WATCHING_SOCKET)) return;
+    this.mark(FLAG.WATCHING_SOCKET, false);
+    this.socket = undefined;
+    this.onClose();
+  }
+
+  /**
+   * Something that may have ended the response returned (a send, the handler). With only
+   * the socket watched, nothing would hear the end: a response that ended is over now; one
+   * that goes on (a stream, a handler that answers later) is listened to from here on.
+   */
+  protected checkpoint(): void {
+    if (this.has(FLAG.HEARS_END) || !this.has(FLAG.WATCHING_SOCKET)) return;
+    const raw = this.target.raw;
+    if (raw.writableEnded) this.onClose();
+    else this.hearEnd(raw);
+  }
+
+  /** The response is over: it ended, or the connection went away first. Once only. */
+  protected onClose(): void {
+    if (this.has(FLAG.CLOSED)) return;
     this.mark(FLAG.CLOSED);
+    if (this.has(FLAG.WATCHING_SOCKET)) {
+      this.mark(FLAG.WATCHING_SOCKET, false);
+      unwatchSocket(this.socket!, this);
+      this.socket = undefined;
+    }
     const raw = this.target.raw;
     if (!raw.writableEnded && !this.has(FLAG.DESTROYED_BY_GUARD)) {
       this.mark(FLAG.CLIENT_GONE);
@@ -641,6 +712,7 @@ export class Exchange implements SegmentOwner {
     if (this.has(FLAG.CLIENT_GONE)) return;
     this.phase = RELEASED;
     this.target.release(this.failure, this.has(FLAG.FAILURE_THROWN));
+    this.checkpoint();
   }
 
   private async answerDegraded(data: unknown, reason: AnswerReason): Promise<void> {
@@ -680,6 +752,7 @@ export class Exchange implements SegmentOwner {
       return;
     }
     this.target.send(answer);
+    this.checkpoint();
   }
 
   /** The guard answered for a handler that may still be working: tell it to stop. */

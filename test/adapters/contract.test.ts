@@ -1,6 +1,8 @@
 // The HTTP contract (SPEC §3), written once and run against Express 5, Koa 3 and Fastify 5
 // over real sockets on 127.0.0.1.
 
+import { once } from 'node:events';
+import { connect, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import { expect } from 'chai';
 import fc from 'fast-check';
@@ -297,6 +299,95 @@ for (const harness of harnesses) {
         expect(gate.active).to.equal(0);
         expect(gate.queued).to.equal(0);
         expectQuiet(s);
+      });
+
+      // A connection carries many requests: whatever hears the client go away must be there
+      // for the third request as for the first, and must not mistake an earlier request's
+      // end for this one's.
+      it('hears a client leave during a later request on a keep-alive connection', async () => {
+        const gate = bulkhead({ limit: 1 });
+        let reason: unknown;
+        const s = await start(
+          { path: '/quick', policy: gate, handler: (kit) => kit.json(200, { quick: true }) },
+          {
+            path: '/wait',
+            policy: gate,
+            handler: async (kit) => {
+              await new Promise<void>((resolve) => kit.signal.addEventListener('abort', () => resolve(), { once: true }));
+              reason = kit.signal.reason;
+            },
+          },
+        );
+        const connection = await RawConnection.open(s.port);
+        for (let i = 0; i < 3; i++) {
+          connection.send('/quick');
+          expect((await connection.read()).body).to.equal('{"quick":true}');
+          expect(gate.active, `permit of request ${i + 1} returned`).to.equal(0);
+        }
+        connection.send('/wait');
+        await eventually(() => gate.active === 1, 1000, 'handler running');
+        connection.close();
+        await eventually(() => reason !== undefined && gate.active === 0, 1000, 'abort seen and slot freed');
+        expect(isClientDisconnected(reason)).to.equal(true);
+        expect(gate.stats()).to.include({ admitted: 4 });
+        expectQuiet(s);
+      });
+
+      it('answers pipelined requests in order, and frees every permit when the client leaves with some unanswered', async () => {
+        const gate = bulkhead({ limit: 4 });
+        const signals: AbortSignal[] = [];
+        const s = await start({
+          path: '/p',
+          policy: gate,
+          handler: async (kit) => {
+            const step = kit.header('x-step');
+            if (step === 'hang') {
+              signals.push(kit.signal);
+              await new Promise<void>((resolve) => kit.signal.addEventListener('abort', () => resolve(), { once: true }));
+              return;
+            }
+            await sleep(step === '1' ? 40 : 5);
+            kit.json(200, { step });
+          },
+        });
+        const socket = await rawSocket(s.port);
+        const pipelined = (step: string): string => `GET /p HTTP/1.1\r\nHost: 127.0.0.1\r\nx-step: ${step}\r\n\r\n`;
+        let received = '';
+        socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
+        socket.write(pipelined('1') + pipelined('2') + pipelined('hang') + pipelined('hang'));
+        await eventually(() => received.includes('{"step":"2"}'), 1000, 'first two answers');
+        expect(received.indexOf('{"step":"1"}')).to.be.lessThan(received.indexOf('{"step":"2"}'));
+        await sleep(20);
+        socket.destroy();
+        await eventually(() => gate.active === 0, 1000, 'every permit returned');
+        expect(signals.every((signal) => signal.aborted && isClientDisconnected(signal.reason)), 'hanging handlers aborted').to.equal(true);
+        expectQuiet(s);
+      });
+
+      it('frees the permit of an answer that streams when the client leaves halfway', async () => {
+        const gate = bulkhead({ limit: 1 });
+        const breaker = circuitBreaker({ consecutiveFailures: 1, openMs: 10_000 });
+        let reason: unknown;
+        const s = await start({
+          path: '/endless',
+          policy: pipeline(gate, breaker),
+          handler: (kit) => {
+            const body = new Readable({ read() {} });
+            kit.signal.addEventListener('abort', () => (reason = kit.signal.reason), { once: true });
+            kit.stream(200, body, { 'content-type': 'text/plain' });
+            body.push('first ');
+          },
+        });
+        const socket = await rawSocket(s.port);
+        let received = '';
+        socket.on('data', (chunk: Buffer) => void (received += chunk.toString()));
+        socket.write('GET /endless HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+        await eventually(() => received.includes('first'), 1000, 'first chunk');
+        expect(gate.active).to.equal(1);
+        socket.destroy();
+        await eventually(() => gate.active === 0, 1000, 'permit released');
+        expect(isClientDisconnected(reason)).to.equal(true);
+        expect(breaker.stats().totals).to.include({ successes: 0, failures: 0 });
       });
     });
 
@@ -707,11 +798,15 @@ for (const harness of harnesses) {
   });
 }
 
-async function abandonWithHeader(server: TestServer, index: number): Promise<void> {
-  const { connect } = await import('node:net');
-  const socket = connect(server.port, '127.0.0.1');
+async function rawSocket(port: number): Promise<Socket> {
+  const socket = connect(port, '127.0.0.1');
   socket.on('error', () => {});
-  await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+  await once(socket, 'connect');
+  return socket;
+}
+
+async function abandonWithHeader(server: TestServer, index: number): Promise<void> {
+  const socket = await rawSocket(server.port);
   socket.write(`GET /p/${index} HTTP/1.1\r\nHost: 127.0.0.1\r\nx-step: ${index}\r\n\r\n`);
   await sleep(25);
   socket.destroy();

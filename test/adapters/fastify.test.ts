@@ -3,7 +3,7 @@
 
 import { Writable } from 'node:stream';
 import { expect } from 'chai';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import bulwark from '../../adapters/fastify.js';
 import { circuitBreaker } from '../../lib/circuit-breaker.js';
 import { pipeline } from '../../lib/pipeline.js';
@@ -214,5 +214,34 @@ describe('fastify adapter', function () {
     // The guard's `send` sits on this app's Reply prototype, never on Fastify's shared one.
     expect(owner(seen.guardedProto as object)).to.not.equal(owner(otherReplyProto!));
     expect(warnings()).to.deep.equal([]);
+  });
+  // What makes a guarded Fastify request cheap: the client going away is heard through one
+  // listener per connection, and a reply that ends within send needs no listener at all.
+  it('listens to the connection once, not to each guarded response', async () => {
+    const instance = await build();
+    const counts: Array<{ response: number; socket: number }> = [];
+    const count = (request: FastifyRequest, reply: FastifyReply): void =>
+      void counts.push({ response: reply.raw.listenerCount('close'), socket: request.raw.socket.listenerCount('close') });
+    instance.get('/plain', async (request, reply) => {
+      count(request, reply);
+      return {};
+    });
+    instance.get('/guarded', { config: { bulwark: { policy: timeout(1000) } } }, async (request, reply) => {
+      count(request, reply);
+      return {};
+    });
+    const s = await listen(instance);
+    const connection = await RawConnection.open(s.port);
+    try {
+      for (const path of ['/plain', '/guarded', '/guarded', '/guarded']) {
+        connection.send(path);
+        expect((await connection.read()).status).to.equal(200);
+      }
+    } finally {
+      connection.close();
+    }
+    const [plain, ...guarded] = counts;
+    for (const seen of guarded) expect(seen.response, 'close listeners on a guarded response').to.equal(plain!.response);
+    expect(guarded.map((seen) => seen.socket)).to.deep.equal([plain!.socket + 1, plain!.socket + 1, plain!.socket + 1]);
   });
 });
