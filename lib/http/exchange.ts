@@ -69,11 +69,14 @@ export class FailedResponseError extends Error {
 
 /** The key under which a framework's request object (and Fastify's reply) holds its exchange. */
 export const EXCHANGE_KEY: unique symbol = Symbol('bulwark.exchange');
-const EXCHANGE = EXCHANGE_KEY;
+const EXCHANGE: typeof EXCHANGE_KEY = EXCHANGE_KEY;
 /** Marks a prototype whose `signal` reads the exchange (inherited by the prototypes below it). */
 const SIGNAL_INSTALLED = Symbol('bulwark.signal');
 
-type Holder = { [EXCHANGE]?: Exchange | null };
+/** Where a `signal` assigned to a request object goes, once the accessor is in place. */
+const ASSIGNED_SIGNAL: unique symbol = Symbol('bulwark.assignedSignal');
+
+type Holder = { [EXCHANGE_KEY]?: Exchange | null; [ASSIGNED_SIGNAL]?: unknown };
 type Lookup = (holder: object) => Exchange | null | undefined;
 type Prototype = object & { [SIGNAL_INSTALLED]?: true };
 
@@ -88,8 +91,7 @@ export function exposeSignal(holder: object, exchange: Exchange): void {
   // Koa's context and Fastify's request keep one shape, so the mark is read through the
   // object (it inherits it) at the cost of a cached load, where Object.getPrototypeOf goes
   // through V8's runtime (~120 instructions) unless TurboFan folds it.
-  if ((holder as Prototype)[SIGNAL_INSTALLED] === true) dropOwnSignal(holder);
-  else provideSignal(holder, exchangeOf);
+  if ((holder as Prototype)[SIGNAL_INSTALLED] !== true) provideSignal(holder, exchangeOf);
 }
 
 /**
@@ -106,13 +108,14 @@ export function provideSignal(holder: object, lookup: Lookup): void {
   // shape on every request, and a load through such an object misses V8's caches (some
   // 2,300 instructions a request, measured, against ~120 for Object.getPrototypeOf).
   const prototype = Object.getPrototypeOf(holder) as Prototype | null;
-  if (prototype !== null && prototype[SIGNAL_INSTALLED] !== true) installSignal(prototype, lookup);
-  dropOwnSignal(holder);
-}
-
-/** An own `signal` (assigned by a middleware before the guard) would hide the accessor. */
-function dropOwnSignal(holder: object): void {
-  if (Object.hasOwn(holder, 'signal')) delete (holder as { signal?: unknown }).signal;
+  if (prototype === null || prototype[SIGNAL_INSTALLED] === true) return;
+  installSignal(prototype, lookup);
+  // Assigned before the accessor was there (a middleware ahead of the first guarded
+  // request), an own `signal` would hide it; from now on assigning goes through its setter.
+  const own = Object.getOwnPropertyDescriptor(holder, 'signal');
+  if (own === undefined) return;
+  delete (holder as { signal?: unknown }).signal;
+  (holder as Holder)[ASSIGNED_SIGNAL] = own.get !== undefined ? own.get.call(holder) : own.value;
 }
 
 function installSignal(prototype: Prototype, lookup: Lookup): void {
@@ -122,14 +125,18 @@ function installSignal(prototype: Prototype, lookup: Lookup): void {
   Object.defineProperty(prototype, 'signal', {
     configurable: true,
     enumerable: false,
-    get(this: object): unknown {
+    get(this: Holder): unknown {
       const exchange = lookup(this);
       if (exchange !== undefined && exchange !== null) return exchange.signal;
+      if (ASSIGNED_SIGNAL in this) return this[ASSIGNED_SIGNAL];
       return get !== undefined ? get.call(this) : value;
     },
-    // Assigning `signal` (a middleware of the app's own) gives that object a plain value.
-    set(this: object, replacement: unknown): void {
-      Object.defineProperty(this, 'signal', { value: replacement, writable: true, configurable: true, enumerable: true });
+    // A `signal` the app assigns (a middleware of its own) is what an unguarded request
+    // reads; a guarded one reads the guard's, which also aborts when the app's would not.
+    // Kept aside rather than as an own property, which would hide this accessor and cost
+    // every guarded request a check for it.
+    set(this: Holder, replacement: unknown): void {
+      this[ASSIGNED_SIGNAL] = replacement;
     },
   });
   Object.defineProperty(prototype, SIGNAL_INSTALLED, { value: true });
