@@ -20,7 +20,7 @@ import Koa from 'koa';
 import CircuitBreaker from 'opossum';
 
 export type Framework = 'express' | 'koa' | 'fastify';
-export type Variant = 'bare' | 'bulwark' | 'bulwark-empty' | 'noop-middleware' | 'cockatiel' | 'opossum' | 'under-pressure' | 'express-rate-limit' | 'bulwark-rate-limit';
+export type Variant = 'bare' | 'bulwark' | 'bulwark-wrap' | 'bulwark-empty' | 'noop-middleware' | 'cockatiel' | 'opossum' | 'under-pressure' | 'express-rate-limit' | 'bulwark-rate-limit';
 
 const framework = process.argv[2] as Framework;
 const variant = process.argv[3] as Variant;
@@ -92,6 +92,9 @@ async function koaServer(): Promise<http.Server> {
       break;
     case 'bulwark':
       router.get('/', koaGuard(bulwarkPolicy()), handler);
+      break;
+    case 'bulwark-wrap':
+      router.get('/', koaGuard(bulwarkPolicy()).wrap(handler));
       break;
     case 'bulwark-empty':
       router.get('/', koaGuard(pipeline()), handler);

@@ -42,6 +42,7 @@ const allCases: Case[] = [
   { framework: 'express', variant: 'bulwark-rate-limit', label: 'bulwark rateLimit', baseline: 'bare' },
   { framework: 'koa', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'koa', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'koa', variant: 'bulwark-wrap', label: 'bulwark, the same, guard().wrap(handler)', baseline: 'bare' },
   { framework: 'koa', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
   { framework: 'koa', variant: 'noop-middleware', label: 'a middleware that only calls next() (what any route middleware costs)', baseline: 'bare', detail: true },
   { framework: 'koa', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },

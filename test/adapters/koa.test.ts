@@ -4,7 +4,7 @@
 import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import Router from '@koa/router';
+import Router, { type RouterContext } from '@koa/router';
 import { expect } from 'chai';
 import Koa from 'koa';
 import { guard } from '../../adapters/koa.js';
@@ -169,5 +169,40 @@ describe('koa adapter', function () {
     expect(seen.plain).to.equal(undefined);
     expect(seen.assigned).to.equal(before);
     expect(errors).to.deep.equal([]);
+  });
+
+  describe('guard().wrap(handler)', () => {
+    it('runs a sync handler, an async one and the route\'s later middleware under the guard', async () => {
+      const app = new Koa();
+      const router = new Router();
+      const breaker = circuitBreaker({ consecutiveFailures: 2, openMs: 10_000 });
+      const protect = guard(breaker);
+      // Annotated, the handler's ctx is the router's, with ctx.params typed.
+      router.get('/sync/:id', protect.wrap((ctx: RouterContext) => {
+        ctx.body = { id: ctx.params.id, signal: ctx.signal instanceof AbortSignal };
+      }));
+      router.get('/async/:id', protect.wrap(async (ctx, next) => {
+        ctx.state.from = ctx.params.id;
+        await next();
+      }), (ctx) => {
+        ctx.body = { after: ctx.state.from as string };
+      });
+      router.get('/fails', protect.wrap(() => {
+        throw new Error('db down');
+      }));
+      const s = await serve(app, router);
+      expect((await request(s, '/sync/7')).json).to.deep.equal({ id: '7', signal: true });
+      expect((await request(s, '/async/8')).json).to.deep.equal({ after: '8' });
+      expect((await request(s, '/fails')).status).to.equal(500);
+      expect((await request(s, '/fails')).status).to.equal(500);
+      const rejected = await request(s, '/sync/9');
+      expect(rejected.status).to.equal(503);
+      expect(rejected.json).to.include({ reason: 'circuit_open' });
+      expect(breaker.stats().totals).to.include({ successes: 2, failures: 2, rejections: 1 });
+    });
+
+    it('refuses what is not a function, naming it', () => {
+      expect(() => guard(pipeline()).wrap('handler' as unknown as () => void)).to.throw(TypeError, 'koa guard: wrap(handler) takes a middleware function, got string');
+    });
   });
 });

@@ -50,7 +50,7 @@ export interface TestServer {
 }
 
 export interface Harness {
-  readonly name: 'express' | 'koa' | 'fastify';
+  readonly name: string;
   start(routes: RouteSpec[]): Promise<TestServer>;
 }
 
@@ -103,41 +103,52 @@ export const expressHarness: Harness = {
   },
 };
 
-export const koaHarness: Harness = {
-  name: 'koa',
-  async start(routes) {
-    const app = new Koa();
-    const errors: unknown[] = [];
-    app.silent = true;
-    app.on('error', (error: unknown) => errors.push(error));
-    const router = new Router();
-    for (const route of routes) {
-      const method = (route.method ?? 'GET').toLowerCase() as 'get' | 'post';
-      router[method](route.path, koaGuard(route.policy, route.options), async (ctx) => {
-        await route.handler({
-          get signal() {
-            return ctx.signal;
-          },
-          header: (name) => ctx.get(name) || undefined,
-          json: (status, body, headers) => {
-            ctx.status = status;
-            if (headers !== undefined) ctx.set(headers);
-            ctx.body = body;
-          },
-          stream: (status, body, headers) => {
-            ctx.status = status;
-            if (headers !== undefined) ctx.set(headers);
-            ctx.body = body;
-          },
-          next: () => {},
-        });
+/** Koa with the guard as a middleware of its own, or (`wrapped`) around the handler. */
+function koaHarnessOf(wrapped: boolean): Harness {
+  return {
+    name: wrapped ? 'koa (guard().wrap(handler))' : 'koa',
+    start: (routes) => startKoa(routes, wrapped),
+  };
+}
+
+async function startKoa(routes: RouteSpec[], wrapped: boolean): Promise<TestServer> {
+  const app = new Koa();
+  const errors: unknown[] = [];
+  app.silent = true;
+  app.on('error', (error: unknown) => errors.push(error));
+  const router = new Router();
+  for (const route of routes) {
+    const method = (route.method ?? 'GET').toLowerCase() as 'get' | 'post';
+    const handler = async (ctx: Koa.ParameterizedContext): Promise<void> => {
+      await route.handler({
+        get signal() {
+          return ctx.signal;
+        },
+        header: (name) => ctx.get(name) || undefined,
+        json: (status, body, headers) => {
+          ctx.status = status;
+          if (headers !== undefined) ctx.set(headers);
+          ctx.body = body;
+        },
+        stream: (status, body, headers) => {
+          ctx.status = status;
+          if (headers !== undefined) ctx.set(headers);
+          ctx.body = body;
+        },
+        next: () => {},
       });
-    }
-    app.use(router.routes());
-    const server = http.createServer(app.callback());
-    return nodeServer(server, await listen(server), errors, []);
-  },
-};
+    };
+    const guard = koaGuard(route.policy, route.options);
+    if (wrapped) router[method](route.path, guard.wrap(handler));
+    else router[method](route.path, guard, handler);
+  }
+  app.use(router.routes());
+  const server = http.createServer(app.callback());
+  return nodeServer(server, await listen(server), errors, []);
+}
+
+export const koaHarness = koaHarnessOf(false);
+export const koaWrappedHarness = koaHarnessOf(true);
 
 export const fastifyHarness: Harness = {
   name: 'fastify',
@@ -186,7 +197,7 @@ export const fastifyHarness: Harness = {
   },
 };
 
-export const harnesses: readonly Harness[] = [expressHarness, koaHarness, fastifyHarness];
+export const harnesses: readonly Harness[] = [expressHarness, koaHarness, koaWrappedHarness, fastifyHarness];
 
 export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
