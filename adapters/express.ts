@@ -2,6 +2,7 @@
 // Express: its `next`, its route stack, and the response the handler writes to directly.
 
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import type { ParamsDictionary } from 'express-serve-static-core';
 import { Exchange, EXCHANGE_KEY, httpGuard, httpRequest, provideSignal, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
@@ -65,14 +66,18 @@ function exchangeOfRequest(req: object): ExpressExchange | undefined {
  * app.get('/products/:id', guard(policy, { cache: { ttlMs: 60_000, maxEntries: 1000 } }), async (req, res) => {
  *   res.json(await catalog.get(req.params.id, { signal: req.signal }));
  * });
+ * // The same, with the handler inside the guard rather than after it (a little faster):
+ * app.get('/products/:id', guard(policy).wrap(async (req, res) => {
+ *   res.json(await catalog.get(req.params.id, { signal: req.signal }));
+ * }));
  */
-export function guard(policy: Policy, options?: GuardOptions): RequestHandler {
+export function guard(policy: Policy, options?: GuardOptions): ExpressGuard {
   const compiled = httpGuard('express guard', policy, options);
   const wrapped = new WeakMap<object, number>();
   // The route seen last, so that the WeakMap is only consulted when the route changes.
   let lastStack: Layer[] | undefined;
   let lastLength = -1;
-  return function bulwarkGuard(req: Request, res: Response, next: RouteNext): void {
+  function bulwarkGuard(req: Request, res: Response, next: RouteNext): void {
     // Errors of the handlers after a route-level middleware go to the next error layer,
     // never back to it: wrap them (once per route) so that they report to the guard.
     const stack = (req.route as { stack?: Layer[] } | undefined)?.stack;
@@ -84,11 +89,37 @@ export function guard(policy: Policy, options?: GuardOptions): RequestHandler {
       lastStack = stack;
       lastLength = stack.length;
     }
-    const exchange = new ExpressExchange(compiled, req, res, next);
-    localsOf(res)[EXCHANGE_KEY] = exchange;
-    provideSignal(req, exchangeOfRequest);
-    exchange.run();
-  };
+    runGuarded(new ExpressExchange(compiled, req, res, next, undefined));
+  }
+  return Object.assign(bulwarkGuard, {
+    wrap<P = ParamsDictionary, ResBody = unknown, ReqBody = unknown>(handler: RequestHandler<P, ResBody, ReqBody>): RequestHandler<P, ResBody, ReqBody> {
+      if (typeof handler !== 'function') throw new TypeError(`express guard: wrap(handler) takes a request handler, got ${typeof handler}`);
+      return function bulwarkGuarded(req: Request, res: Response, next: RouteNext): void {
+        runGuarded(new ExpressExchange(compiled, req, res, next, handler as unknown as Handle));
+      } as unknown as RequestHandler<P, ResBody, ReqBody>;
+    },
+  });
+}
+
+/**
+ * An Express route guard (`guard()`): a middleware that runs the rest of the route through
+ * the policy, or, through `wrap(handler)`, one that runs `handler` itself.
+ */
+export interface ExpressGuard extends RequestHandler {
+  /**
+   * The guard with `handler` inside it: one layer of the route instead of two, which spares
+   * Express a step of its route on every request, and the guard its look at the route's
+   * stack. `handler` gets `req` (with `req.signal`), `res` and a `next` that reports errors
+   * to the guard and passes the rest on, as after `guard()`. The route's later handlers, if
+   * it passes on to any, run outside the guard.
+   */
+  wrap<P = ParamsDictionary, ResBody = unknown, ReqBody = unknown>(handler: RequestHandler<P, ResBody, ReqBody>): RequestHandler<P, ResBody, ReqBody>;
+}
+
+function runGuarded(exchange: ExpressExchange): void {
+  localsOf(exchange.raw)[EXCHANGE_KEY] = exchange;
+  provideSignal(exchange.req, exchangeOfRequest);
+  exchange.run();
 }
 
 /** One request of a guarded route: the exchange, and how it acts on Express. */
@@ -98,9 +129,11 @@ class ExpressExchange extends Exchange implements ResponseTarget {
 
   constructor(
     compiled: HttpGuard,
-    private readonly req: Request,
+    readonly req: Request,
     readonly raw: Response,
     private readonly next: RouteNext,
+    /** The wrapped handler (`wrap`), else undefined: the route's next layers are the handler. */
+    private readonly handler: Handle | undefined,
   ) {
     super(compiled);
   }
@@ -115,7 +148,9 @@ class ExpressExchange extends Exchange implements ResponseTarget {
     (next[ROUTE_NEXT] ?? next)[CURRENT] = this;
     // Only a failing answer that a fallback or the cache may replace needs watching.
     if (this.guard.degradable) this.gate = new ResponseGate(this.raw, this, 'watch');
-    this.next();
+    const handler = this.handler;
+    if (handler === undefined) this.next();
+    else runReporting(handler, undefined, this.req, this.raw, this, next);
   }
 
   send(answer: HttpAnswer): void {
@@ -179,20 +214,25 @@ function reporting(handle: Handle): Handle {
   const wrapper: Handle = function bulwarkReporting(this: unknown, req: Request, res: Response, next: RouteNext): unknown {
     const target = next[CURRENT];
     if (target === undefined) return handle.call(this, req, res, next);
-    let result: unknown;
-    try {
-      result = handle.call(this, req, res, target.nextFor(next));
-    } catch (error) {
-      target.fail(error);
-      return undefined;
-    }
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-      (result as PromiseLike<unknown>).then(undefined, (error: unknown) => target.fail(error ?? new Error('Rejected promise')));
-    }
+    runReporting(handle, this, req, res, target, next);
     return undefined;
   };
   wrapper[ORIGINAL] = handle;
   return wrapper;
+}
+
+/** Runs a handler of a guarded route: its throw, its rejection and its `next(err)` go to `target`. */
+function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): void {
+  let result: unknown;
+  try {
+    result = handle.call(self, req, res, target.nextFor(next));
+  } catch (error) {
+    target.fail(error);
+    return;
+  }
+  if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
+    (result as PromiseLike<unknown>).then(undefined, (error: unknown) => target.fail(error ?? new Error('Rejected promise')));
+  }
 }
 
 /**

@@ -55,6 +55,9 @@ async function expressServer(): Promise<http.Server> {
     case 'bulwark':
       app.get('/', expressGuard(bulwarkPolicy()), handler);
       break;
+    case 'bulwark-wrap':
+      app.get('/', expressGuard(bulwarkPolicy()).wrap(handler));
+      break;
     case 'bulwark-empty':
       app.get('/', expressGuard(pipeline()), handler);
       break;

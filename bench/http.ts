@@ -35,6 +35,7 @@ interface Case {
 const allCases: Case[] = [
   { framework: 'express', variant: 'bare', label: 'bare', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark', label: 'bulwark pipeline(bulkhead, timeout, breaker)', baseline: 'bare' },
+  { framework: 'express', variant: 'bulwark-wrap', label: 'bulwark, the same, guard().wrap(handler)', baseline: 'bare' },
   { framework: 'express', variant: 'bulwark-empty', label: 'bulwark pipeline() (the adapter alone)', baseline: 'bare', detail: true },
   { framework: 'express', variant: 'noop-middleware', label: 'a middleware that only calls next() (what any route middleware costs)', baseline: 'bare', detail: true },
   { framework: 'express', variant: 'cockatiel', label: 'cockatiel wrap(bulkhead, timeout, breaker)', baseline: 'bare' },

@@ -242,4 +242,53 @@ describe('express adapter', function () {
     expect(seen.plain).to.equal(undefined);
     expect(seen.assigned).to.equal(before);
   });
+  describe('guard().wrap(handler)', () => {
+    it('counts a sync throw, a rejection and next(err) of the handler, and passes next() on outside the guard', async () => {
+      const app = express();
+      const breaker = circuitBreaker({ consecutiveFailures: 3, openMs: 10_000 });
+      const protect = guard(breaker);
+      let afterSignal: unknown = 'unset';
+      app.get('/ok/:id', protect.wrap((req, res) => void res.json({ id: req.params.id, signal: req.signal instanceof AbortSignal })));
+      app.get('/throws', protect.wrap(() => {
+        throw new Error('db down');
+      }));
+      app.get('/rejects', protect.wrap(async () => {
+        throw new Error('db down');
+      }));
+      app.get('/next-error', protect.wrap((_req, _res, next) => next(new Error('db down'))));
+      app.get('/passes', protect.wrap((_req, _res, next) => next()), (req, res) => {
+        afterSignal = req.signal;
+        res.json({ after: true });
+      });
+      const s = await serve(app);
+      expect((await request(s, '/ok/7')).json).to.deep.equal({ id: '7', signal: true });
+      expect((await request(s, '/passes')).json).to.deep.equal({ after: true });
+      expect(afterSignal, 'the later handler sees the guard through req.signal').to.be.instanceOf(AbortSignal);
+      for (const path of ['/throws', '/rejects', '/next-error']) expect((await request(s, path)).status, path).to.equal(500);
+      expect(errors).to.have.length(3);
+      const rejected = await request(s, '/ok/8');
+      expect(rejected.status).to.equal(503);
+      expect(rejected.json).to.include({ reason: 'circuit_open' });
+      expect(breaker.stats().totals).to.include({ successes: 2, failures: 3, rejections: 1 });
+    });
+
+    it('nests: a wrapped guard inside another, the inner timeout answering and the outer permit returned', async () => {
+      const app = express();
+      const outer = bulkhead({ limit: 1 });
+      app.get('/nested', guard(outer).wrap(guard(timeout(30)).wrap(async (req, res) => {
+        await new Promise<void>((resolve) => req.signal.addEventListener('abort', () => resolve(), { once: true }));
+        res.json({ late: true });
+      })));
+      const s = await serve(app);
+      const answer = await request(s, '/nested');
+      expect(answer.status).to.equal(503);
+      expect(answer.json).to.include({ reason: 'timeout' });
+      await eventually(() => outer.active === 0, 1000, 'outer permit returned');
+      expect(errors).to.deep.equal([]);
+    });
+
+    it('refuses what is not a function, naming it', () => {
+      expect(() => guard(pipeline()).wrap(42 as unknown as () => void)).to.throw(TypeError, 'express guard: wrap(handler) takes a request handler, got number');
+    });
+  });
 });

@@ -73,35 +73,45 @@ function nodeServer(server: http.Server, port: number, errors: unknown[], logs: 
   };
 }
 
-export const expressHarness: Harness = {
-  name: 'express',
-  async start(routes) {
-    const app = express();
-    const errors: unknown[] = [];
-    for (const route of routes) {
-      const method = (route.method ?? 'GET').toLowerCase() as 'get' | 'post';
-      app[method](route.path, expressGuard(route.policy, route.options), (req, res, next) =>
-        route.handler({
-          get signal() {
-            return req.signal;
-          },
-          header: (name) => req.get(name),
-          json: (status, body, headers) => void res.status(status).set(headers ?? {}).json(body),
-          stream: (status, body, headers) => void body.pipe(res.status(status).set(headers ?? {})),
-          next: (error) => next(error),
-        }),
-      );
-    }
-    app.use((error: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
-      errors.push(error);
-      const status = (error as { status?: unknown }).status;
-      if (res.headersSent) res.destroy();
-      else res.status(typeof status === 'number' ? status : 500).json({ error: 'internal' });
-    });
-    const server = http.createServer(app);
-    return nodeServer(server, await listen(server), errors, []);
-  },
-};
+/** Express with the guard as a layer of its own, or (`wrapped`) around the handler. */
+function expressHarnessOf(wrapped: boolean): Harness {
+  return {
+    name: wrapped ? 'express (guard().wrap(handler))' : 'express',
+    start: (routes) => startExpress(routes, wrapped),
+  };
+}
+
+async function startExpress(routes: RouteSpec[], wrapped: boolean): Promise<TestServer> {
+  const app = express();
+  const errors: unknown[] = [];
+  for (const route of routes) {
+    const method = (route.method ?? 'GET').toLowerCase() as 'get' | 'post';
+    const handler = (req: express.Request, res: express.Response, next: express.NextFunction): unknown =>
+      route.handler({
+        get signal() {
+          return req.signal;
+        },
+        header: (name) => req.get(name),
+        json: (status, body, headers) => void res.status(status).set(headers ?? {}).json(body),
+        stream: (status, body, headers) => void body.pipe(res.status(status).set(headers ?? {})),
+        next: (error) => next(error),
+      });
+    const guard = expressGuard(route.policy, route.options);
+    if (wrapped) app[method](route.path, guard.wrap(handler));
+    else app[method](route.path, guard, handler);
+  }
+  app.use((error: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+    errors.push(error);
+    const status = (error as { status?: unknown }).status;
+    if (res.headersSent) res.destroy();
+    else res.status(typeof status === 'number' ? status : 500).json({ error: 'internal' });
+  });
+  const server = http.createServer(app);
+  return nodeServer(server, await listen(server), errors, []);
+}
+
+export const expressHarness = expressHarnessOf(false);
+export const expressWrappedHarness = expressHarnessOf(true);
 
 /** Koa with the guard as a middleware of its own, or (`wrapped`) around the handler. */
 function koaHarnessOf(wrapped: boolean): Harness {
@@ -197,7 +207,7 @@ export const fastifyHarness: Harness = {
   },
 };
 
-export const harnesses: readonly Harness[] = [expressHarness, koaHarness, koaWrappedHarness, fastifyHarness];
+export const harnesses: readonly Harness[] = [expressHarness, expressWrappedHarness, koaHarness, koaWrappedHarness, fastifyHarness];
 
 export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
