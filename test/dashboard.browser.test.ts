@@ -55,7 +55,9 @@ function cardState(page: Page, name: string): Promise<string | null> {
 }
 
 describe('dashboard in a real browser', function () {
-  this.timeout(SCREENSHOT ? 120_000 : 20_000);
+  // A page that passes in 2–3 s took over 20 s with both cores busy (a callgrind run
+  // beside the suite): the limit only has to catch a page that never gets there.
+  this.timeout(SCREENSHOT ? 120_000 : 60_000);
   let browser: Browser;
 
   before(async function () {
