@@ -1,10 +1,11 @@
 // Fastify specifics: the plugin and route config, Fastify's own handlerTimeout next to the
 // guard's, late sends with a real logger, handler styles (return, send, return reply).
 
-import { Writable } from 'node:stream';
+import { Readable, Writable } from 'node:stream';
 import { expect } from 'chai';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import bulwark from '../../adapters/fastify.js';
+import { bulkhead } from '../../lib/bulkhead.js';
 import { circuitBreaker } from '../../lib/circuit-breaker.js';
 import { pipeline } from '../../lib/pipeline.js';
 import { timeout } from '../../lib/timeout.js';
@@ -243,5 +244,38 @@ describe('fastify adapter', function () {
     const [plain, ...guarded] = counts;
     for (const seen of guarded) expect(seen.response, 'close listeners on a guarded response').to.equal(plain!.response);
     expect(guarded.map((seen) => seen.socket)).to.deep.equal([plain!.socket + 1, plain!.socket + 1, plain!.socket + 1]);
+  });
+  // app.inject (light-my-request) is how most Fastify apps are tested: its socket is a
+  // stand-in that never closes, so the end of each reply must be heard without it.
+  it('answers and returns every permit under app.inject, for a plain, a streamed and a timed-out reply', async () => {
+    const instance = await build();
+    const gate = bulkhead({ limit: 1 });
+    instance.get('/plain', { config: { bulwark: { policy: gate } } }, async () => ({ ok: true }));
+    instance.get('/stream', { config: { bulwark: { policy: gate } } }, async (_request, reply) => {
+      const body = new Readable({ read() {} });
+      setTimeout(() => {
+        body.push('streamed');
+        body.push(null);
+      }, 20);
+      return reply.send(body);
+    });
+    instance.get('/slow', { config: { bulwark: { policy: pipeline(gate, timeout(30)) } } }, async () => {
+      await sleep(80);
+      return { late: true };
+    });
+    const seen: Array<[number, string, number]> = [];
+    for (const url of ['/plain', '/stream', '/slow', '/plain']) {
+      const answer = await instance.inject({ url });
+      seen.push([answer.statusCode, answer.body.slice(0, 20), gate.active]);
+    }
+    expect(seen).to.deep.equal([
+      [200, '{"ok":true}', 0],
+      [200, 'streamed', 0],
+      [503, '{"error":"Service Un', 0],
+      [200, '{"ok":true}', 0],
+    ]);
+    await sleep(80);
+    expect(gate.active).to.equal(0);
+    expect(warnings()).to.deep.equal([]);
   });
 });
