@@ -369,7 +369,8 @@ export class Exchange implements SegmentOwner, SocketWatcher {
    * rethrown (`rethrowOnDecision`).
    */
   decision(): Promise<void> {
-    if (this.has(FLAG.DECIDED)) return this.has(FLAG.RETHROW) ? Promise.reject(this.failure) : Promise.resolve();
+    // Settled promises carry no state a caller could change: one resolved promise serves all.
+    if (this.has(FLAG.DECIDED)) return this.has(FLAG.RETHROW) ? Promise.reject(this.failure) : RESOLVED;
     if (this.decisionMade === undefined) {
       // An arrow at `new Promise` is inlined with the constructor: no closure is made.
       this.decisionMade = new Promise<void>((resolve, reject) => {
