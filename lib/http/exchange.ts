@@ -76,7 +76,25 @@ const SIGNAL_INSTALLED = Symbol('bulwark.signal');
 /** Where a `signal` assigned to a request object goes, once the accessor is in place. */
 const ASSIGNED_SIGNAL: unique symbol = Symbol('bulwark.assignedSignal');
 
-type Holder = { [EXCHANGE_KEY]?: Exchange | null; [ASSIGNED_SIGNAL]?: unknown };
+/** A `signal` the app assigned, and the guard whose request it was then (none: before any). */
+interface AssignedSignal {
+  readonly value: unknown;
+  readonly under: Exchange | undefined;
+}
+
+type Holder = { [EXCHANGE_KEY]?: Exchange | null; [ASSIGNED_SIGNAL]?: AssignedSignal };
+
+/**
+ * How many more guarded requests look for an own `signal`. Once the accessor is installed,
+ * assigning goes through its setter; but a request that a middleware gave a `signal` while
+ * the first guarded request was on its way carries an own one, which hides the accessor.
+ * Such requests can only be among the first after the install: the next thousand are
+ * checked, and every one from the first such `signal` found on (an app whose middleware
+ * assigns one before its guards). Any other request is spared the check (some 800
+ * instructions on Koa's context).
+ */
+let ownSignalChecks = 0;
+const OWN_SIGNAL_CHECKS_AFTER_INSTALL = 1000;
 type Lookup = (holder: object) => Exchange | null | undefined;
 type Prototype = object & { [SIGNAL_INSTALLED]?: true };
 
@@ -92,6 +110,7 @@ export function exposeSignal(holder: object, exchange: Exchange): void {
   // object (it inherits it) at the cost of a cached load, where Object.getPrototypeOf goes
   // through V8's runtime (~120 instructions) unless TurboFan folds it.
   if ((holder as Prototype)[SIGNAL_INSTALLED] !== true) provideSignal(holder, exchangeOf);
+  else if (ownSignalChecks > 0) moveOwnSignalAside(holder);
 }
 
 /**
@@ -108,14 +127,22 @@ export function provideSignal(holder: object, lookup: Lookup): void {
   // shape on every request, and a load through such an object misses V8's caches (some
   // 2,300 instructions a request, measured, against ~120 for Object.getPrototypeOf).
   const prototype = Object.getPrototypeOf(holder) as Prototype | null;
-  if (prototype === null || prototype[SIGNAL_INSTALLED] === true) return;
-  installSignal(prototype, lookup);
-  // Assigned before the accessor was there (a middleware ahead of the first guarded
-  // request), an own `signal` would hide it; from now on assigning goes through its setter.
+  if (prototype === null) return;
+  if (prototype[SIGNAL_INSTALLED] !== true) {
+    installSignal(prototype, lookup);
+    ownSignalChecks = Math.max(ownSignalChecks, OWN_SIGNAL_CHECKS_AFTER_INSTALL);
+  }
+  if (ownSignalChecks > 0) moveOwnSignalAside(holder);
+}
+
+/** An own `signal` (assigned before the accessor was there) would hide it: keep it aside instead. */
+function moveOwnSignalAside(holder: object): void {
+  ownSignalChecks--;
   const own = Object.getOwnPropertyDescriptor(holder, 'signal');
   if (own === undefined) return;
+  ownSignalChecks = Infinity;
   delete (holder as { signal?: unknown }).signal;
-  (holder as Holder)[ASSIGNED_SIGNAL] = own.get !== undefined ? own.get.call(holder) : own.value;
+  (holder as Holder)[ASSIGNED_SIGNAL] = { value: own.get !== undefined ? own.get.call(holder) : own.value, under: undefined };
 }
 
 function installSignal(prototype: Prototype, lookup: Lookup): void {
@@ -125,18 +152,23 @@ function installSignal(prototype: Prototype, lookup: Lookup): void {
   Object.defineProperty(prototype, 'signal', {
     configurable: true,
     enumerable: false,
+    // A `signal` the app assigns is read back where it was assigned: an unguarded request
+    // reads it, and so does a guarded one that assigned it inside the guard (a handler's
+    // `AbortSignal.any([ctx.signal, mine])`); one assigned before the guard took the request
+    // (a middleware ahead of it) gives way to the guard's, which also aborts when the app's
+    // would not.
     get(this: Holder): unknown {
-      const exchange = lookup(this);
-      if (exchange !== undefined && exchange !== null) return exchange.signal;
-      if (ASSIGNED_SIGNAL in this) return this[ASSIGNED_SIGNAL];
+      const exchange = lookup(this) ?? undefined;
+      const assigned = this[ASSIGNED_SIGNAL];
+      if (assigned !== undefined && assigned.under === exchange) return assigned.value;
+      if (exchange !== undefined) return exchange.signal;
+      if (assigned !== undefined) return assigned.value;
       return get !== undefined ? get.call(this) : value;
     },
-    // A `signal` the app assigns (a middleware of its own) is what an unguarded request
-    // reads; a guarded one reads the guard's, which also aborts when the app's would not.
     // Kept aside rather than as an own property, which would hide this accessor and cost
     // every guarded request a check for it.
     set(this: Holder, replacement: unknown): void {
-      this[ASSIGNED_SIGNAL] = replacement;
+      this[ASSIGNED_SIGNAL] = { value: replacement, under: lookup(this) ?? undefined };
     },
   });
   Object.defineProperty(prototype, SIGNAL_INSTALLED, { value: true });
@@ -323,7 +355,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
     this.listen(raw);
     // A response queued behind another on its connection never closes if the connection
     // dies first: only the socket tells.
-    if (raw.socket === null && !this.has(FLAG.WATCHING_SOCKET)) this.watchSocket(raw.req?.socket);
+    if (!this.has(FLAG.WATCHING_SOCKET) && raw.socket === null) this.watchSocket(raw.req?.socket);
     // A scope asked for before (an early read of `signal`) carries over.
     const call = (this.root = new RequestCall(context, this.root?.madeScope));
     const segment = this.guard.segment;
@@ -556,7 +588,8 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   /**
    * Arranges for `onClose()` to run once the response is over: by default a `close`
    * listener on it. An adapter with a cheaper way overrides this: Koa joins the watch Koa
-   * already keeps (`heardEnd`), Fastify watches the socket (`watchSocket`, `checkpoint`).
+   * already keeps (`heardEnd`); Fastify, and Express around a wrapped handler, watch the
+   * socket and call `checkpoint()` where the response may have ended.
    */
   protected listen(raw: RawResponse): void {
     this.hearEnd(raw);

@@ -242,6 +242,24 @@ describe('express adapter', function () {
     expect(seen.plain).to.equal(undefined);
     expect(seen.assigned).to.equal(before);
   });
+  it('reads back a signal the handler assigns inside the guard, and gives the guard\'s to the next request', async () => {
+    const app = express();
+    const mine = new AbortController().signal;
+    const seen: unknown[] = [];
+    app.get('/assign', guard(timeout(1000)), (req, res) => {
+      seen.push(req.signal);
+      req.signal = mine;
+      seen.push(req.signal);
+      res.json({});
+    });
+    const s = await serve(app);
+    for (let i = 0; i < 2; i++) expect((await request(s, '/assign')).status).to.equal(200);
+    expect(seen[0]).to.be.instanceOf(AbortSignal).and.not.equal(mine);
+    expect(seen[1]).to.equal(mine);
+    expect(seen[2]).to.be.instanceOf(AbortSignal).and.not.equal(mine);
+    expect(seen[3]).to.equal(mine);
+  });
+
   describe('guard().wrap(handler)', () => {
     it('counts a sync throw, a rejection and next(err) of the handler, and passes next() on outside the guard', async () => {
       const app = express();

@@ -171,6 +171,49 @@ describe('koa adapter', function () {
     expect(errors).to.deep.equal([]);
   });
 
+  it('reads back a signal the handler assigns inside the guard (AbortSignal.any of the guard\'s and its own)', async () => {
+    const app = new Koa();
+    const router = new Router();
+    const mine = new AbortController();
+    let readBack: AbortSignal | undefined;
+    let guardAborted: boolean | undefined;
+    router.get('/combined', guard(timeout(1000)), async (ctx) => {
+      const combined = AbortSignal.any([ctx.signal, mine.signal]);
+      ctx.signal = combined;
+      readBack = ctx.signal;
+      mine.abort(new Error('mine'));
+      guardAborted = readBack.aborted;
+      ctx.body = {};
+    });
+    const s = await serve(app, router);
+    expect((await request(s, '/combined')).status).to.equal(200);
+    expect(readBack).to.be.instanceOf(AbortSignal);
+    expect(guardAborted, 'the combined signal follows the handler\'s own').to.equal(true);
+  });
+
+  // A middleware that assigns ctx.signal and then awaits: requests that passed it while the
+  // very first guarded request was installing the accessor carry an own signal.
+  it('gives the guard\'s signal to requests that got one from a middleware while the first guarded request was on its way', async () => {
+    const app = new Koa();
+    const router = new Router();
+    const apps = new AbortController().signal;
+    const seen: unknown[] = [];
+    app.use(async (ctx, next) => {
+      ctx.signal = apps;
+      await sleep(Number(ctx.query.wait ?? 0));
+      await next();
+    });
+    router.get('/g', guard(timeout(1000)), async (ctx) => {
+      seen.push(ctx.signal);
+      ctx.body = {};
+    });
+    const s = await serve(app, router);
+    const answers = await Promise.all([request(s, '/g?wait=0'), request(s, '/g?wait=30'), request(s, '/g?wait=60')]);
+    expect(answers.map((a) => a.status)).to.deep.equal([200, 200, 200]);
+    expect(seen).to.have.length(3);
+    for (const signal of seen) expect(signal).to.be.instanceOf(AbortSignal).and.not.equal(apps);
+  });
+
   describe('guard().wrap(handler)', () => {
     it('runs a sync handler, an async one and the route\'s later middleware under the guard', async () => {
       const app = new Koa();
