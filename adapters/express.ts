@@ -1,11 +1,13 @@
 // Express 5 route guard. The HTTP behaviour lives in lib/http; this file only translates
 // Express: its `next`, its route stack, and the response the handler writes to directly.
 
+import { ServerResponse } from 'node:http';
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ParamsDictionary } from 'express-serve-static-core';
-import { Exchange, EXCHANGE_KEY, httpGuard, httpRequest, provideSignal, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type ResponseTarget } from '../lib/http.js';
+import { Exchange, EXCHANGE_KEY, httpGuard, httpRequest, provideSignal, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type RawResponse, type ResponseTarget } from '../lib/http.js';
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
+import { observe, type Observer } from '../lib/settlers.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
@@ -123,7 +125,7 @@ function runGuarded(exchange: ExpressExchange): void {
 }
 
 /** One request of a guarded route: the exchange, and how it acts on Express. */
-class ExpressExchange extends Exchange implements ResponseTarget {
+class ExpressExchange extends Exchange implements ResponseTarget, Observer {
   private gate: ResponseGate | undefined = undefined;
   private reporting: RouteNext | undefined = undefined;
 
@@ -149,8 +151,37 @@ class ExpressExchange extends Exchange implements ResponseTarget {
     // Only a failing answer that a fallback or the cache may replace needs watching.
     if (this.guard.degradable) this.gate = new ResponseGate(this.raw, this, 'watch');
     const handler = this.handler;
-    if (handler === undefined) this.next();
-    else runReporting(handler, undefined, this.req, this.raw, this, next);
+    if (handler === undefined) {
+      this.next();
+      return;
+    }
+    const result = callReporting(handler, undefined, this.req, this.raw, this, next);
+    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') observe(result as PromiseLike<unknown>, this);
+    else this.checkpoint();
+  }
+
+  /**
+   * Around a wrapped handler, whose return the guard sees, the client going away is heard
+   * through the socket (one listener per connection) and the end of the answer where the
+   * handler returns or settles (`checkpoint`): no listener on a response whose every
+   * property access misses V8's caches. A route-level guard cannot tell when the layers
+   * after it are done, and listens to the response; so does every guard over HTTP/2 (a
+   * compatibility response is no `ServerResponse`), where a client cancels one stream and
+   * the connection stays.
+   */
+  protected override listen(raw: RawResponse): void {
+    if (this.handler === undefined || !(raw instanceof ServerResponse)) {
+      super.listen(raw);
+      return;
+    }
+    const socket = this.raw.socket;
+    if (socket === null || !this.watchSocket(socket)) super.listen(raw);
+  }
+
+  /** @internal The wrapped handler's promise settled. */
+  settled(outcome: unknown, failed: boolean): void {
+    if (failed) this.fail(outcome ?? new Error('Rejected promise'));
+    this.checkpoint();
   }
 
   send(answer: HttpAnswer): void {
@@ -223,15 +254,19 @@ function reporting(handle: Handle): Handle {
 
 /** Runs a handler of a guarded route: its throw, its rejection and its `next(err)` go to `target`. */
 function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): void {
-  let result: unknown;
-  try {
-    result = handle.call(self, req, res, target.nextFor(next));
-  } catch (error) {
-    target.fail(error);
-    return;
-  }
+  const result = callReporting(handle, self, req, res, target, next);
   if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
     (result as PromiseLike<unknown>).then(undefined, (error: unknown) => target.fail(error ?? new Error('Rejected promise')));
+  }
+}
+
+/** Calls a handler with the `next` that reports to `target`; a throw goes to `target`. Returns what the handler returned. */
+function callReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): unknown {
+  try {
+    return handle.call(self, req, res, target.nextFor(next));
+  } catch (error) {
+    target.fail(error);
+    return undefined;
   }
 }
 

@@ -305,6 +305,44 @@ describe('express adapter', function () {
       expect(errors).to.deep.equal([]);
     });
 
+    // Around a wrapped handler the guard hears the client through the connection, and the
+    // end of the answer where the handler returns or settles: no listener per response.
+    it('listens to the connection once, not to each response, and returns the permit of a sync and an async handler', async () => {
+      const app = express();
+      const gate = bulkhead({ limit: 1 });
+      const counts: Array<{ response: number; socket: number; active: number }> = [];
+      const count = (req: Request, res: Response): void =>
+        void counts.push({ response: res.listenerCount('close'), socket: req.socket.listenerCount('close'), active: gate.active });
+      app.get('/plain', (req, res) => {
+        count(req, res);
+        res.json({});
+      });
+      app.get('/sync', guard(gate).wrap((req, res) => {
+        count(req, res);
+        res.json({});
+      }));
+      app.get('/async', guard(gate).wrap(async (req, res) => {
+        await sleep(5);
+        count(req, res);
+        res.json({});
+      }));
+      const s = await serve(app);
+      const connection = await RawConnection.open(s.port);
+      try {
+        for (const path of ['/plain', '/sync', '/async', '/sync', '/async']) {
+          connection.send(path);
+          expect((await connection.read()).status, path).to.equal(200);
+          expect(gate.active, `permit of ${path} returned`).to.equal(0);
+        }
+      } finally {
+        connection.close();
+      }
+      const [plain, ...guarded] = counts;
+      expect(guarded.map((seen) => seen.response)).to.deep.equal([plain!.response, plain!.response, plain!.response, plain!.response]);
+      expect(guarded.map((seen) => seen.socket)).to.deep.equal([plain!.socket + 1, plain!.socket + 1, plain!.socket + 1, plain!.socket + 1]);
+      expect(guarded.map((seen) => seen.active)).to.deep.equal([1, 1, 1, 1]);
+    });
+
     it('refuses what is not a function, naming it', () => {
       expect(() => guard(pipeline()).wrap(42 as unknown as () => void)).to.throw(TypeError, 'express guard: wrap(handler) takes a request handler, got number');
     });
