@@ -79,7 +79,7 @@ function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler
   const guarded: Handler = function bulwarkHandler(this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): undefined {
     // Read through the reply, which inherits it from a patched prototype: a property load,
     // where Object.getPrototypeOf on every request went through V8's runtime.
-    if ((reply as GuardedReply)[ORIGINAL_SEND] === undefined) patchSend(Object.getPrototypeOf(reply) as GuardedReply);
+    if ((reply as GuardedReply)[ORIGINAL_SEND] === undefined) patchReply(Object.getPrototypeOf(reply) as GuardedReply);
     const exchange = new FastifyExchange(compiled, this, handler, request, reply);
     (reply as GuardedReply)[EXCHANGE_KEY] = exchange;
     // Fastify's own getter aborts on its handlerTimeout and client close; this one also on the guard's timeout.
@@ -95,9 +95,10 @@ function guardHandler(handler: RouteHandlerMethod, compiled: HttpGuard): Handler
 /**
  * Routes `reply.send` through the request's exchange, once per Reply prototype rather than
  * per request, so that a late send never reaches Fastify. Replies without an exchange (the
- * app's other routes) go straight to Fastify's `send`.
+ * app's other routes) go straight to Fastify's `send`. `reply.hijack()` tells the exchange
+ * too: a hijacked reply is written to the raw response, past every `send`.
  */
-function patchSend(prototype: GuardedReply): void {
+function patchReply(prototype: GuardedReply): void {
   if (prototype[ORIGINAL_SEND] !== undefined) return;
   const original = prototype.send as Send;
   Object.defineProperty(prototype, ORIGINAL_SEND, { value: original });
@@ -107,6 +108,15 @@ function patchSend(prototype: GuardedReply): void {
     value: function send(this: GuardedReply, payload?: unknown): FastifyReply {
       const exchange = this[EXCHANGE_KEY];
       return exchange === undefined || exchange === null ? original.call(this, payload) : exchange.handlerSend(payload);
+    },
+  });
+  const originalHijack = prototype.hijack as (this: FastifyReply) => FastifyReply;
+  Object.defineProperty(prototype, 'hijack', {
+    configurable: true,
+    writable: true,
+    value: function hijack(this: GuardedReply): FastifyReply {
+      this[EXCHANGE_KEY]?.hijacked();
+      return originalHijack.call(this);
     },
   });
 }
@@ -160,6 +170,11 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome);
     else this.returned(outcome);
+    this.checkpoint();
+  }
+
+  /** @internal The handler took the reply over: it will end the raw response, past every `send`. */
+  hijacked(): void {
     this.checkpoint();
   }
 

@@ -278,4 +278,28 @@ describe('fastify adapter', function () {
     expect(gate.active).to.equal(0);
     expect(warnings()).to.deep.equal([]);
   });
+  it('returns the permit of a hijacked reply when its raw response ends, while the handler still works', async () => {
+    const instance = await build();
+    const gate = bulkhead({ limit: 1 });
+    let finished = 0;
+    instance.get('/hijacked', { config: { bulwark: { policy: gate } } }, async (_request, reply) => {
+      reply.hijack();
+      reply.raw.end('done');
+      await sleep(300);
+      finished++;
+    });
+    const s = await listen(instance);
+    const connection = await RawConnection.open(s.port);
+    try {
+      for (let i = 0; i < 3; i++) {
+        connection.send('/hijacked');
+        const answer = await connection.read();
+        expect([answer.status, answer.body]).to.deep.equal([200, 'done']);
+      }
+    } finally {
+      connection.close();
+    }
+    expect(finished, 'the handlers were still working').to.equal(0);
+    expect(gate.stats()).to.include({ admitted: 3, rejected: 0 });
+  });
 });
