@@ -194,7 +194,13 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
       // Late: the guard answers, or the failure's answer is out already.
       return reply;
     }
-    (reply as GuardedReply)[ORIGINAL_SEND].call(reply, payload);
+    try {
+      (reply as GuardedReply)[ORIGINAL_SEND].call(reply, payload);
+    } catch (error) {
+      // Thrown to the handler, as Fastify would; what it let stand was never written.
+      this.uncommit();
+      throw error;
+    }
     this.checkpoint();
     return reply;
   }
@@ -202,7 +208,14 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   /** What an async handler resolved with, sent the way Fastify would. */
   private returned(payload: unknown): void {
     const reply = this.reply;
-    if (payload !== undefined || (this.accepting && !reply.sent && !reply.raw.headersSent)) reply.send(payload);
+    if (payload === undefined && !(this.accepting && !reply.sent && !reply.raw.headersSent)) return;
+    try {
+      reply.send(payload);
+    } catch (error) {
+      // Fastify's send refuses some payloads by throwing (an object for a text/plain reply):
+      // the route failed, as it would without the guard, and no rejection goes unhandled.
+      this.fail(error);
+    }
   }
 
   send(answer: HttpAnswer): void {

@@ -455,6 +455,16 @@ export class Exchange implements SegmentOwner, SocketWatcher {
     return false;
   }
 
+  /**
+   * The answer `respond()` let stand never went out: the framework's write threw before the
+   * headers did (Fastify's `send` refusing a payload). Its failure comes next (`fail`).
+   */
+  protected uncommit(): void {
+    if (this.phase !== COMMITTED || this.target.raw.headersSent) return;
+    this.phase = RUNNING;
+    this.failedStatus = 0;
+  }
+
   /** Shows the cache a complete answer of the handler; it keeps what it may. */
   offer(status: number, body: string | Uint8Array, header: HeaderReader): void {
     const cache = this.guard.cache;

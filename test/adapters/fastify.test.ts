@@ -302,4 +302,32 @@ describe('fastify adapter', function () {
     expect(finished, 'the handlers were still working').to.equal(0);
     expect(gate.stats()).to.include({ admitted: 3, rejected: 0 });
   });
+  // Fastify's send throws for some payloads (an object on a text/plain reply); its own
+  // handler wrapper turns that into the error answer, and so must the guard.
+  it('answers a payload Fastify refuses with Fastify\'s 500 (or the fallback), counted as a failure, returned or sent', async () => {
+    const instance = await build();
+    const breaker = circuitBreaker({ consecutiveFailures: 10, openMs: 10_000 });
+    instance.get('/returned', { config: { bulwark: { policy: breaker } } }, async (_request, reply) => {
+      reply.type('text/plain');
+      return { not: 'text' };
+    });
+    instance.get('/sent', { config: { bulwark: { policy: breaker } } }, (_request, reply) => {
+      reply.type('text/plain');
+      reply.send({ not: 'text' });
+    });
+    instance.get('/degraded', { config: { bulwark: { policy: breaker, fallback: 'stand-in' } } }, async (_request, reply) => {
+      reply.type('text/plain');
+      return { not: 'text' };
+    });
+    const s = await listen(instance);
+    for (const path of ['/returned', '/sent']) {
+      const answer = await request(s, path);
+      expect(answer.status, path).to.equal(500);
+      expect(answer.json, path).to.include({ code: 'FST_ERR_REP_INVALID_PAYLOAD_TYPE' });
+    }
+    const degraded = await request(s, '/degraded');
+    expect([degraded.status, degraded.json]).to.deep.equal([200, { data: 'stand-in', source: 'fallback', status: 'degraded', reason: 'error' }]);
+    expect(breaker.stats().totals).to.include({ failures: 3, successes: 0 });
+    expect(watchdog.events).to.deep.equal([]);
+  });
 });
