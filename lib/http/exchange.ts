@@ -24,7 +24,7 @@ export interface RawResponse {
   readonly writableEnded: boolean;
   readonly statusCode: number;
   /** Null while the response waits behind an earlier one on its connection (HTTP/1.1 pipelining). */
-  readonly socket?: object | null;
+  readonly socket?: { readonly destroyed?: boolean } | null;
   /** The request it answers, whose socket is the connection's. */
   readonly req?: { readonly socket?: WatchableSocket | null };
   on(event: 'close', listener: () => void): unknown;
@@ -353,9 +353,20 @@ export class Exchange implements SegmentOwner, SocketWatcher {
     const context: CallContext = this.guard.exposesRequest ? { request: this.request } : EMPTY_CONTEXT;
     const raw = this.target.raw;
     this.listen(raw);
-    // A response queued behind another on its connection never closes if the connection
-    // dies first: only the socket tells.
-    if (!this.has(FLAG.WATCHING_SOCKET) && raw.socket === null) this.watchSocket(raw.req?.socket);
+    if (!this.has(FLAG.WATCHING_SOCKET)) {
+      const socket = raw.socket;
+      // A response queued behind another on its connection never closes if the connection
+      // dies first: only the socket tells.
+      if (socket === null) {
+        this.watchSocket(raw.req?.socket);
+      } else if (socket?.destroyed === true) {
+        // The client left before the guard ran (while a slow middleware ahead of it
+        // worked): its close is past, so nothing would ever end this call. Nothing runs
+        // and nothing counts.
+        this.onClose();
+        return;
+      }
+    }
     // A scope asked for before (an early read of `signal`) carries over.
     const call = (this.root = new RequestCall(context, this.root?.madeScope));
     const segment = this.guard.segment;
