@@ -1,15 +1,17 @@
 // Fastify specifics: the plugin and route config, Fastify's own handlerTimeout next to the
 // guard's, late sends with a real logger, handler styles (return, send, return reply).
 
+import http2 from 'node:http2';
 import { Readable, Writable } from 'node:stream';
 import { expect } from 'chai';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import bulwark from '../../adapters/fastify.js';
 import { bulkhead } from '../../lib/bulkhead.js';
 import { circuitBreaker } from '../../lib/circuit-breaker.js';
+import { isClientDisconnected } from '../../lib/errors.js';
 import { pipeline } from '../../lib/pipeline.js';
 import { timeout } from '../../lib/timeout.js';
-import { RawConnection, request, sleep, Watchdog, type TestServer } from './support.js';
+import { eventually, RawConnection, request, sleep, Watchdog, type TestServer } from './support.js';
 
 describe('fastify adapter', function () {
   this.timeout(5000);
@@ -329,5 +331,44 @@ describe('fastify adapter', function () {
     expect([degraded.status, degraded.json]).to.deep.equal([200, { data: 'stand-in', source: 'fallback', status: 'degraded', reason: 'error' }]);
     expect(breaker.stats().totals).to.include({ failures: 3, successes: 0 });
     expect(watchdog.events).to.deep.equal([]);
+  });
+  // Over HTTP/2 a connection carries many streams, and a client cancels one of them
+  // without closing it: each response is listened to, not the connection.
+  it('over HTTP/2, hears a cancelled stream: the signal aborts and the permit comes back', async () => {
+    const gate = bulkhead({ limit: 1 });
+    const h2 = Fastify({ http2: true, logger: false });
+    let reason: unknown;
+    try {
+      await h2.register(bulwark);
+      h2.get('/ok', { config: { bulwark: { policy: gate } } }, async () => ({ ok: true }));
+      h2.get('/wait', { config: { bulwark: { policy: gate } } }, async (request) => {
+        await new Promise<void>((resolve) => request.signal.addEventListener('abort', () => resolve(), { once: true }));
+        reason = request.signal.reason;
+      });
+      await h2.listen({ port: 0, host: '127.0.0.1' });
+      const client = http2.connect(`http://127.0.0.1:${(h2.server.address() as { port: number }).port}`);
+      try {
+        const get = (path: string): Promise<string> =>
+          new Promise((resolve, reject) => {
+            const stream = client.request({ ':path': path });
+            let body = '';
+            stream.on('data', (chunk: Buffer) => void (body += chunk.toString()));
+            stream.on('end', () => resolve(body));
+            stream.on('error', reject);
+          });
+        expect(await get('/ok')).to.equal('{"ok":true}');
+        const waiting = client.request({ ':path': '/wait' });
+        waiting.on('error', () => {});
+        await eventually(() => gate.active === 1, 1000, 'handler running');
+        waiting.close(http2.constants.NGHTTP2_CANCEL);
+        await eventually(() => gate.active === 0 && reason !== undefined, 1000, 'permit back');
+        expect(isClientDisconnected(reason)).to.equal(true);
+        expect(await get('/ok'), 'the connection still serves').to.equal('{"ok":true}');
+      } finally {
+        client.close();
+      }
+    } finally {
+      await h2.close();
+    }
   });
 });
