@@ -1,7 +1,6 @@
 // A client that leaves while a slow middleware ahead of the guard works: by the time the
 // guard runs, the connection's close is past. Nothing may then hold a permit for good.
 
-import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import Router from '@koa/router';
@@ -13,27 +12,10 @@ import bulwark from '../../adapters/fastify.js';
 import { guard as expressGuard } from '../../adapters/express.js';
 import { guard as koaGuard } from '../../adapters/koa.js';
 import { bulkhead, type Bulkhead } from '../../lib/bulkhead.js';
-import { abandon, request, sleep, Watchdog, type TestServer } from './support.js';
+import { abandon, request, serveOnLoopback, sleep, Watchdog, type TestServer } from './support.js';
 
 /** A server whose guarded GET /slow runs behind 80 ms of middleware; `ran` counts handler runs. */
 type Mount = (gate: Bulkhead, ran: { count: number }) => Promise<TestServer>;
-
-async function nodeServer(listener: http.RequestListener): Promise<TestServer> {
-  const server = http.createServer(listener);
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const port = (server.address() as AddressInfo).port;
-  return {
-    port,
-    url: `http://127.0.0.1:${port}`,
-    errors: [],
-    logs: [],
-    close: async () => {
-      server.closeAllConnections();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
 
 const mounts: Record<string, Mount> = {
   async express(gate, ran) {
@@ -48,7 +30,7 @@ const mounts: Record<string, Mount> = {
     };
     app.get('/slow', slow, expressGuard(gate), handler);
     app.get('/slow-wrapped', slow, expressGuard(gate).wrap(handler));
-    return nodeServer(app);
+    return serveOnLoopback(http.createServer(app));
   },
   async koa(gate, ran) {
     const app = new Koa();
@@ -64,7 +46,7 @@ const mounts: Record<string, Mount> = {
     router.get('/slow', slow, koaGuard(gate), handler);
     router.get('/slow-wrapped', slow, koaGuard(gate).wrap(handler));
     app.use(router.routes());
-    return nodeServer(app.callback());
+    return serveOnLoopback(http.createServer(app.callback()));
   },
   async fastify(gate, ran) {
     const app = Fastify({ logger: false, forceCloseConnections: true });

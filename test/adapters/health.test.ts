@@ -1,7 +1,6 @@
 // The ready-made health route of each adapter, over real sockets: 200 while every guard is
 // fine, 503 while a breaker is open, the health as JSON, never cached.
 
-import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import Router from '@koa/router';
@@ -17,7 +16,7 @@ import { circuitBreaker } from '../../lib/circuit-breaker.js';
 import { health } from '../../lib/health.js';
 import { pipeline } from '../../lib/pipeline.js';
 import type { Policies } from '../../lib/observe.js';
-import { request, type TestServer } from './support.js';
+import { request, serveOnLoopback, type TestServer } from './support.js';
 
 interface Mount {
   name: string;
@@ -27,29 +26,13 @@ interface Mount {
   make(policies: unknown): unknown;
 }
 
-async function serve(server: http.Server): Promise<TestServer> {
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const port = (server.address() as AddressInfo).port;
-  return {
-    port,
-    url: `http://127.0.0.1:${port}`,
-    errors: [],
-    logs: [],
-    async close() {
-      server.closeAllConnections();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
-
 const mounts: Mount[] = [
   {
     name: 'express',
     async start(policies) {
       const app = express();
       app.get('/health', expressHealth(policies));
-      return serve(http.createServer(app));
+      return serveOnLoopback(http.createServer(app));
     },
     make: (policies) => expressHealth(policies as Policies),
   },
@@ -60,7 +43,7 @@ const mounts: Mount[] = [
       const router = new Router();
       router.get('/health', koaHealth(policies));
       app.use(router.routes());
-      return serve(http.createServer(app.callback()));
+      return serveOnLoopback(http.createServer(app.callback()));
     },
     make: (policies) => koaHealth(policies as Policies),
   },

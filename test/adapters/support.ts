@@ -73,6 +73,11 @@ function nodeServer(server: http.Server, port: number, errors: unknown[], logs: 
   };
 }
 
+/** Serves `server` on a free loopback port, for a test that reads no framework errors. */
+export async function serveOnLoopback(server: http.Server): Promise<TestServer> {
+  return nodeServer(server, await listen(server), [], []);
+}
+
 /** Express with the guard as a layer of its own, or (`wrapped`) around the handler. */
 function expressHarnessOf(wrapped: boolean): Harness {
   return {
