@@ -7,7 +7,7 @@ import type { ParamsDictionary } from 'express-serve-static-core';
 import { Exchange, EXCHANGE_KEY, httpGuard, httpRequest, provideSignal, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type RawResponse, type ResponseTarget } from '../lib/http.js';
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
-import { observe, type Observer } from '../lib/settlers.js';
+import { isThenable, observe, type Observer } from '../lib/settlers.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
@@ -155,9 +155,7 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
       this.next();
       return;
     }
-    const result = callReporting(handler, undefined, this.req, this.raw, this, next);
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') observe(result as PromiseLike<unknown>, this);
-    else this.checkpoint();
+    if (!runReporting(handler, undefined, this.req, this.raw, this, next)) this.checkpoint();
   }
 
   /**
@@ -178,7 +176,7 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
     if (socket === null || !this.watchSocket(socket)) super.listen(raw);
   }
 
-  /** @internal The wrapped handler's promise settled. */
+  /** @internal A guarded handler's promise settled. */
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome ?? new Error('Rejected promise'));
     this.checkpoint();
@@ -252,22 +250,21 @@ function reporting(handle: Handle): Handle {
   return wrapper;
 }
 
-/** Runs a handler of a guarded route: its throw, its rejection and its `next(err)` go to `target`. */
-function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): void {
-  const result = callReporting(handle, self, req, res, target, next);
-  if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-    (result as PromiseLike<unknown>).then(undefined, (error: unknown) => target.fail(error ?? new Error('Rejected promise')));
-  }
-}
-
-/** Calls a handler with the `next` that reports to `target`; a throw goes to `target`. Returns what the handler returned. */
-function callReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): unknown {
+/**
+ * Runs a handler of a guarded route: its throw, its `next(err)` and how its promise settles
+ * go to `target`. True when it returned a promise (`target.settled` hears its end).
+ */
+function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): boolean {
+  let result: unknown;
   try {
-    return handle.call(self, req, res, target.nextFor(next));
+    result = handle.call(self, req, res, target.nextFor(next));
   } catch (error) {
     target.fail(error);
-    return undefined;
+    return false;
   }
+  if (!isThenable(result)) return false;
+  observe(result, target);
+  return true;
 }
 
 /**

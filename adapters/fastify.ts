@@ -7,7 +7,7 @@ import { Exchange, EXCHANGE_KEY, exchangeOf, exposeSignal, httpGuard, httpReques
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
 import type { Policy } from '../lib/policy.js';
-import { observe, type Observer } from '../lib/settlers.js';
+import { isThenable, observe, type Observer } from '../lib/settlers.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
 export type { Policies } from '../lib/observe.js';
@@ -158,8 +158,8 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   start(): void {
     const result = this.handler.call(this.instance, this.req, this.reply) as unknown;
     // Heard through bound functions rather than two arrow closures and their context.
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') {
-      observe(result as PromiseLike<unknown>, this);
+    if (isThenable(result)) {
+      observe(result, this);
       return;
     }
     if (result !== undefined) this.reply.send(result);

@@ -5,7 +5,7 @@ import type { Context, DefaultContext, DefaultState, Middleware, Next } from 'ko
 import { Exchange, exposeSignal, findDescriptor, httpGuard, httpRequest, REPRESENTATION_HEADERS, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type RawResponse, type ResponseTarget } from '../lib/http.js';
 import { healthResponse } from '../lib/health.js';
 import { policyList, type Policies } from '../lib/observe.js';
-import { observe, type Observer } from '../lib/settlers.js';
+import { isThenable, observe, type Observer } from '../lib/settlers.js';
 import type { Policy } from '../lib/policy.js';
 
 export type { FallbackContext, GuardOptions, RejectResponse } from '../lib/http.js';
@@ -118,7 +118,7 @@ class KoaExchange extends Exchange implements ResponseTarget, Observer {
       return;
     }
     const result = handler(this.ctx, this.next) as unknown;
-    if (typeof (result as PromiseLike<unknown> | null)?.then === 'function') observe(result as PromiseLike<unknown>, this);
+    if (isThenable(result)) observe(result, this);
     else this.downstreamDone();
   }
 

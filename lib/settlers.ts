@@ -30,6 +30,11 @@ export function settle(holder: Settlers, outcome: unknown, failed: boolean): voi
   else holder.resolve!(outcome);
 }
 
+/** Whether `value` is a promise (or any thenable) rather than a plain result. */
+export function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
+  return typeof (value as PromiseLike<T> | null)?.then === 'function';
+}
+
 /** What hears how a promise settled (`observe`). */
 export interface Observer {
   settled(outcome: unknown, failed: boolean): void;

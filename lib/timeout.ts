@@ -1,7 +1,7 @@
 import { Scope } from './cancellation.js';
 import { systemClock, type Clock } from './clock.js';
 import { DeadlineQueue } from './deadline-queue.js';
-import { observe, promiseFor, settle, type Observer } from './settlers.js';
+import { isThenable, observe, promiseFor, settle, type Observer } from './settlers.js';
 import { deadline, type TimedCall } from './fused.js';
 import { TimeoutError, withoutStack } from './errors.js';
 import { BasePolicy, defaultName, run, type Call, type InternalFunction, type PolicyEvents } from './policy.js';
@@ -159,8 +159,4 @@ class PendingCall extends Scope implements TimedCall, Observer {
     this.dispose();
     this.reject!(error);
   }
-}
-
-function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
-  return typeof (value as PromiseLike<T> | null)?.then === 'function';
 }
