@@ -1,7 +1,6 @@
 // Express 5 route guard. The HTTP behaviour lives in lib/http; this file only translates
 // Express: its `next`, its route stack, and the response the handler writes to directly.
 
-import { ServerResponse } from 'node:http';
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
 import type { ParamsDictionary } from 'express-serve-static-core';
 import { Exchange, EXCHANGE_KEY, httpGuard, httpRequest, provideSignal, ResponseGate, writeAnswer, type GuardOptions, type HttpAnswer, type HttpGuard, type HttpRequest, type RawResponse, type ResponseTarget } from '../lib/http.js';
@@ -163,17 +162,11 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
    * through the socket (one listener per connection) and the end of the answer where the
    * handler returns or settles (`checkpoint`): no listener on a response whose every
    * property access misses V8's caches. A route-level guard cannot tell when the layers
-   * after it are done, and listens to the response; so does every guard over HTTP/2 (a
-   * compatibility response is no `ServerResponse`), where a client cancels one stream and
-   * the connection stays.
+   * after it are done, and listens to the response.
    */
   protected override listen(raw: RawResponse): void {
-    if (this.handler === undefined || !(raw instanceof ServerResponse)) {
-      super.listen(raw);
-      return;
-    }
-    const socket = this.raw.socket;
-    if (socket === null || !this.watchSocket(socket)) super.listen(raw);
+    if (this.handler === undefined) super.listen(raw);
+    else this.watchConnection(raw);
   }
 
   /** @internal A guarded handler's promise settled. */

@@ -145,14 +145,12 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   }
 
   /**
-   * The client going away is heard through the socket while the handler works; the end of
-   * the response, right after the send that ends it (`checkpoint`). Fastify's replies go
-   * out within `send`, so most requests never need a listener of their own. Not over
-   * HTTP/2: there a client cancels one stream and the connection stays.
+   * The client going away is heard through the connection while the handler works; the end
+   * of the response, right after the send that ends it (`checkpoint`). Fastify's replies go
+   * out within `send`, so most requests never need a listener of their own.
    */
   protected override listen(raw: RawResponse): void {
-    const request = this.req.raw;
-    if (request.httpVersionMajor !== 1 || !this.watchSocket(request.socket)) super.listen(raw);
+    this.watchConnection(raw);
   }
 
   start(): void {

@@ -9,6 +9,7 @@
 // listener on the guard's own scope until the handler holds a signal, no async function.
 
 import { EventEmitter } from 'node:events';
+import { ServerResponse } from 'node:http';
 import { Scope } from '../cancellation.js';
 import { ClientDisconnectedError, isGuardRejection, withoutStack, type GuardRejection } from '../errors.js';
 import { FusedCall, Refusal, type SegmentOwner } from '../fused.js';
@@ -228,10 +229,8 @@ const FLAG = {
   WATCHING_CALL: 256,
   /** `decision()` rejects with the failure (`rethrowOnDecision`). */
   RETHROW: 512,
-  /** Hearing of the client going away through the socket (`watchSocket`). */
-  WATCHING_SOCKET: 1024,
   /** Something hears the response end by itself (a `close` listener, Koa's watch). */
-  HEARS_END: 2048,
+  HEARS_END: 1024,
 } as const;
 type Flag = (typeof FLAG)[keyof typeof FLAG];
 
@@ -273,6 +272,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   private resolveDecision: (() => void) | undefined = undefined;
   private rejectDecision: ((error: unknown) => void) | undefined = undefined;
   private key: string | undefined | null = null;
+  /** The connection watched for the client going away (`watchSocket`), until the response is over. */
   private socket: WatchableSocket | undefined = undefined;
 
   /**
@@ -353,7 +353,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
     const context: CallContext = this.guard.exposesRequest ? { request: this.request } : EMPTY_CONTEXT;
     const raw = this.target.raw;
     this.listen(raw);
-    if (!this.has(FLAG.WATCHING_SOCKET)) {
+    if (this.socket === undefined) {
       const socket = raw.socket;
       // A response queued behind another on its connection never closes if the connection
       // dies first: only the socket tells.
@@ -610,9 +610,21 @@ export class Exchange implements SegmentOwner, SocketWatcher {
    * Arranges for `onClose()` to run once the response is over: by default a `close`
    * listener on it. An adapter with a cheaper way overrides this: Koa joins the watch Koa
    * already keeps (`heardEnd`); Fastify, and Express around a wrapped handler, watch the
-   * socket and call `checkpoint()` where the response may have ended.
+   * connection (`watchConnection`) and call `checkpoint()` where the response may have ended.
    */
   protected listen(raw: RawResponse): void {
+    this.hearEnd(raw);
+  }
+
+  /**
+   * Hears the client go away through the response's connection, one listener per
+   * connection, for an adapter that calls `checkpoint()` wherever the response may end.
+   * Only an HTTP/1 `ServerResponse` has a connection of its own: over HTTP/2 a client
+   * cancels one stream and the connection stays, so that response, and one queued behind
+   * another (no socket yet), is listened to instead.
+   */
+  protected watchConnection(raw: RawResponse): void {
+    if (raw instanceof ServerResponse && raw.socket !== null && this.watchSocket(raw.socket)) return;
     this.hearEnd(raw);
   }
 
@@ -633,17 +645,15 @@ export class Exchange implements SegmentOwner, SocketWatcher {
    * Hears of the client going away through `socket`, one listener per connection, until
    * the response is over. False when the socket is closed already (or missing).
    */
-  protected watchSocket(socket: WatchableSocket | null | undefined): boolean {
+  private watchSocket(socket: WatchableSocket | null | undefined): boolean {
     if (socket === null || socket === undefined || !watchSocket(socket, this)) return false;
     this.socket = socket;
-    this.mark(FLAG.WATCHING_SOCKET);
     return true;
   }
 
   /** @internal The watched socket closed. */
   socketClosed(): void {
-    if (!this.has(FLAG.WATCHING_SOCKET)) return;
-    this.mark(FLAG.WATCHING_SOCKET, false);
+    if (this.socket === undefined) return;
     this.socket = undefined;
     this.onClose();
   }
@@ -654,7 +664,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
    * that goes on (a stream, a handler that answers later) is listened to from here on.
    */
   protected checkpoint(): void {
-    if (this.has(FLAG.HEARS_END) || !this.has(FLAG.WATCHING_SOCKET)) return;
+    if (this.has(FLAG.HEARS_END) || this.socket === undefined) return;
     const raw = this.target.raw;
     if (raw.writableEnded) this.onClose();
     else this.hearEnd(raw);
@@ -664,9 +674,8 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   protected onClose(): void {
     if (this.has(FLAG.CLOSED)) return;
     this.mark(FLAG.CLOSED);
-    if (this.has(FLAG.WATCHING_SOCKET)) {
-      this.mark(FLAG.WATCHING_SOCKET, false);
-      unwatchSocket(this.socket!, this);
+    if (this.socket !== undefined) {
+      unwatchSocket(this.socket, this);
       this.socket = undefined;
     }
     const raw = this.target.raw;
