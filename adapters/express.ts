@@ -145,15 +145,18 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
   }
 
   start(): void {
-    const next = this.next;
-    (next[ROUTE_NEXT] ?? next)[CURRENT] = this;
     // Only a failing answer that a fallback or the cache may replace needs watching.
     if (this.guard.degradable) this.gate = new ResponseGate(this.raw, this, 'watch');
+    const next = this.next;
     const handler = this.handler;
     if (handler === undefined) {
-      this.next();
+      // The route's later layers report to the innermost running guard, found on its `next`.
+      (next[ROUTE_NEXT] ?? next)[CURRENT] = this;
+      next();
       return;
     }
+    // A wrapped handler reports here directly; what the route runs after it stays with
+    // whatever guarded the route before.
     if (!runReporting(handler, undefined, this.req, this.raw, this, next)) this.checkpoint();
   }
 

@@ -343,6 +343,21 @@ describe('express adapter', function () {
       expect(guarded.map((seen) => seen.active)).to.deep.equal([1, 1, 1, 1]);
     });
 
+    it('leaves what the route runs after a wrapped handler to the guard before it', async () => {
+      const app = express();
+      app.get(
+        '/after',
+        guard(pipeline(), { fallback: 'outer' }),
+        guard(pipeline(), { fallback: 'inner' }).wrap((_req, _res, next) => next()),
+        () => {
+          throw new Error('a later layer failed');
+        },
+      );
+      const s = await serve(app);
+      const answer = await request(s, '/after');
+      expect([answer.status, answer.json]).to.deep.equal([200, { data: 'outer', source: 'fallback', status: 'degraded', reason: 'error' }]);
+    });
+
     it('refuses what is not a function, naming it', () => {
       expect(() => guard(pipeline()).wrap(42 as unknown as () => void)).to.throw(TypeError, 'express guard: wrap(handler) takes a request handler, got number');
     });
