@@ -106,7 +106,7 @@ class KoaExchange extends Exchange implements ResponseTarget, Observer {
       return;
     }
     queue.push(this.onClose.bind(this));
-    this.heardEnd();
+    this.markEndHeard();
   }
 
   start(): void {

@@ -609,7 +609,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   /**
    * Arranges for `onClose()` to run once the response is over: by default a `close`
    * listener on it. An adapter with a cheaper way overrides this: Koa joins the watch Koa
-   * already keeps (`heardEnd`); Fastify, and Express around a wrapped handler, watch the
+   * already keeps (`markEndHeard`); Fastify, and Express around a wrapped handler, watch the
    * connection (`watchConnection`) and call `checkpoint()` where the response may have ended.
    */
   protected listen(raw: RawResponse): void {
@@ -637,7 +637,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   }
 
   /** For an adapter that hears the response end its own way, which calls `onClose()`. */
-  protected heardEnd(): void {
+  protected markEndHeard(): void {
     this.mark(FLAG.HEARS_END);
   }
 
