@@ -18,6 +18,9 @@ declare module 'koa' {
   }
 }
 
+/** Marks a `guard()` middleware, which fuses with the middleware after it. */
+const FUSES = Symbol('bulwark.koa.fuses');
+
 /**
  * Guards a Koa route: the middleware after it runs through `policy`; a rejection or a
  * failure becomes the answer of the HTTP contract (503/429, or a degraded 200 with
@@ -28,25 +31,65 @@ declare module 'koa' {
  * router.get('/products/:id', guard(policy, { fallback: { items: [] } }), async (ctx) => {
  *   ctx.body = await catalog.get(ctx.params.id, { signal: ctx.signal });
  * });
- * // The same, with the handler inside the guard rather than after it (a little faster):
+ * // The same, with the handler inside the guard rather than after it. On @koa/router the
+ * // form above becomes this one at the route's first request (see `KoaGuard.wrap`):
  * router.get('/products/:id', guard(policy, { fallback: { items: [] } }).wrap(async (ctx) => {
  *   ctx.body = await catalog.get(ctx.params.id, { signal: ctx.signal });
  * }));
  */
 export function guard(policy: Policy, options?: GuardOptions): KoaGuard {
   const compiled = httpGuard('koa guard', policy, options);
+  const around = (handler: Middleware): Middleware =>
+    function bulwarkGuarded(ctx: Context, next: Next): Promise<void> {
+      return runGuarded(new KoaExchange(compiled, ctx, next, handler));
+    };
+  // The router layers this guard has looked at, fused or found unfusable.
+  const examined = new WeakSet<object>();
   const middleware = function bulwarkGuard(ctx: Context, next: Next): Promise<void> {
+    fuseInto((ctx as RoutedContext).matched, middleware, around, examined);
     return runGuarded(new KoaExchange(compiled, ctx, next, undefined));
   };
   return Object.assign(middleware, {
+    [FUSES]: true as const,
     wrap<StateT = DefaultState, ContextT = DefaultContext, BodyT = unknown>(handler: Middleware<StateT, ContextT, BodyT>): Middleware<StateT, ContextT, BodyT> {
       if (typeof handler !== 'function') throw new TypeError(`koa guard: wrap(handler) takes a middleware function, got ${typeof handler}`);
-      const guarded = function bulwarkGuarded(ctx: Context, next: Next): Promise<void> {
-        return runGuarded(new KoaExchange(compiled, ctx, next, handler as Middleware));
-      };
-      return guarded;
+      return around(handler as Middleware) as Middleware<StateT, ContextT, BodyT>;
     },
   });
+}
+
+/** A context that @koa/router routed: the layers that matched its path. */
+interface RoutedContext {
+  matched?: unknown;
+}
+
+/**
+ * On @koa/router, replaces `guard, handler` in each matched route layer's stack with
+ * `guard.wrap(handler)`, which behaves the same (the handler gets `ctx` and the route's
+ * `next`, inside the guard) and spares the router a step of its chain on every later
+ * request. The router copies a layer's stack into each request's chain, so requests
+ * already on their way keep theirs. A guard that is its layer's last middleware, or one
+ * mounted with `app.use`, stays as it is.
+ */
+function fuseInto(matched: unknown, self: Middleware, around: (handler: Middleware) => Middleware, examined: WeakSet<object>): void {
+  if (!Array.isArray(matched)) return;
+  for (const layer of matched as unknown[]) {
+    if (typeof layer !== 'object' || layer === null || examined.has(layer)) continue;
+    const stack = (layer as { stack?: unknown }).stack;
+    if (!Array.isArray(stack)) continue;
+    let waiting = false;
+    for (let i = stack.indexOf(self); i >= 0 && i < stack.length - 1; i = stack.indexOf(self, i + 1)) {
+      const handler: unknown = stack[i + 1];
+      if (typeof handler !== 'function') continue;
+      // A guard right behind this one fuses with its handler first: this one then wraps both.
+      if ((handler as { [FUSES]?: true })[FUSES] === true) {
+        waiting = true;
+        continue;
+      }
+      stack.splice(i, 2, around(handler as Middleware));
+    }
+    if (!waiting) examined.add(layer);
+  }
 }
 
 /**
@@ -56,8 +99,10 @@ export function guard(policy: Policy, options?: GuardOptions): KoaGuard {
 export interface KoaGuard extends Middleware {
   /**
    * The guard with `handler` inside it: one middleware instead of two, which spares Koa's
-   * router a step of its chain on every request (about 3,000 CPU instructions). `handler`
+   * router a step of its chain on every request (about 3,500 CPU instructions). `handler`
    * gets `ctx` (with `ctx.signal`) and the route's `next`, as it would after `guard()`.
+   * On @koa/router, `guard(), handler` turns into this on the route's first request;
+   * written out, it also saves that step where the guard cannot fuse (another router).
    */
   wrap<StateT = DefaultState, ContextT = DefaultContext, BodyT = unknown>(handler: Middleware<StateT, ContextT, BodyT>): Middleware<StateT, ContextT, BodyT>;
 }

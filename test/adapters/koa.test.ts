@@ -8,6 +8,7 @@ import Router, { type RouterContext } from '@koa/router';
 import { expect } from 'chai';
 import Koa from 'koa';
 import { guard } from '../../adapters/koa.js';
+import { bulkhead } from '../../lib/bulkhead.js';
 import { circuitBreaker } from '../../lib/circuit-breaker.js';
 import { pipeline } from '../../lib/pipeline.js';
 import { timeout } from '../../lib/timeout.js';
@@ -212,6 +213,79 @@ describe('koa adapter', function () {
     expect(answers.map((a) => a.status)).to.deep.equal([200, 200, 200]);
     expect(seen).to.have.length(3);
     for (const signal of seen) expect(signal).to.be.instanceOf(AbortSignal).and.not.equal(apps);
+  });
+
+  describe('on @koa/router, guard() fused with the middleware after it', () => {
+    const stackOf = (router: Router, path: string, methods = ['HEAD', 'GET']): unknown[] => router.stack.find((layer) => layer.path === path && layer.methods.join() === methods.join())!.stack;
+
+    it('answers the same before and after the route\'s stack became one guarded middleware', async () => {
+      const app = new Koa();
+      const router = new Router();
+      const breaker = circuitBreaker({ consecutiveFailures: 2, openMs: 10_000 });
+      const gate = bulkhead({ limit: 1, queue: 10 });
+      const protect = guard(pipeline(gate, breaker));
+      router.get('/items/:id', protect, async (ctx, next) => {
+        await sleep(5);
+        ctx.state.id = ctx.params.id;
+        ctx.state.signal = ctx.signal instanceof AbortSignal && !ctx.signal.aborted;
+        await next();
+      }, (ctx) => {
+        ctx.body = { id: ctx.state.id as string, signal: ctx.state.signal as boolean, active: gate.active };
+      });
+      router.get('/fails', protect, () => {
+        throw new Error('db down');
+      });
+      const s = await serve(app, router);
+      expect(stackOf(router, '/items/:id')).to.have.length(3);
+      // The first request fuses the stack and goes on through the chain it started with.
+      const answers = await Promise.all(['1', '2', '3', '4'].map((id) => request(s, `/items/${id}`)));
+      expect(answers.map((answer) => answer.json)).to.deep.equal(['1', '2', '3', '4'].map((id) => ({ id, signal: true, active: 1 })));
+      expect(stackOf(router, '/items/:id')).to.have.length(2);
+      expect((await request(s, '/items/5')).json).to.deep.equal({ id: '5', signal: true, active: 1 });
+      expect((await request(s, '/fails')).status).to.equal(500);
+      expect(stackOf(router, '/fails')).to.have.length(1);
+      expect((await request(s, '/fails')).status).to.equal(500);
+      const rejected = await request(s, '/items/6');
+      expect(rejected.status).to.equal(503);
+      expect(rejected.json).to.include({ reason: 'circuit_open' });
+      expect(breaker.stats().totals).to.include({ successes: 5, failures: 2, rejections: 1 });
+      expect(gate.active).to.equal(0);
+      expect(errors).to.have.length(2);
+    });
+
+    it('fuses nested guards from the inside out, each still doing its part', async () => {
+      const app = new Koa();
+      const router = new Router();
+      const breaker = circuitBreaker({ consecutiveFailures: 100, openMs: 10_000 });
+      router.get('/slow', guard(breaker), guard(timeout(20)), async (ctx) => {
+        await sleep(200);
+        ctx.body = 'late';
+      });
+      const s = await serve(app, router);
+      const lengths: number[] = [];
+      for (let i = 0; i < 3; i++) {
+        const answer = await request(s, '/slow');
+        expect(answer.status).to.equal(503);
+        expect(answer.json).to.include({ reason: 'timeout' });
+        lengths.push(stackOf(router, '/slow').length);
+      }
+      expect(lengths).to.deep.equal([2, 1, 1]);
+      // The outer guard counts the inner guard's 503 as a failure, fused or not.
+      expect(breaker.stats().totals).to.include({ failures: 3 });
+    });
+
+    it('leaves a guard that ends its layer (router.use) as it is, still guarding the route after it', async () => {
+      const app = new Koa();
+      const router = new Router();
+      router.use('/guarded', guard(timeout(20)));
+      router.get('/guarded', async (ctx) => {
+        await sleep(200);
+        ctx.body = 'late';
+      });
+      const s = await serve(app, router);
+      for (let i = 0; i < 2; i++) expect((await request(s, '/guarded')).json).to.include({ reason: 'timeout' });
+      expect(stackOf(router, '/guarded', [])).to.have.length(1);
+    });
   });
 
   describe('guard().wrap(handler)', () => {
