@@ -153,26 +153,26 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
       // The route's later layers report to the innermost running guard, found on its `next`.
       (next[ROUTE_NEXT] ?? next)[CURRENT] = this;
       next();
+      // A reporting layer that ran checkpoints where its handler ends; when none did (the
+      // route's next handler lies beyond it), the response is looked at here.
+      if (this.reporting === undefined) this.checkpoint();
       return;
     }
     // A wrapped handler reports here directly; what the route runs after it stays with
     // whatever guarded the route before.
-    if (!runReporting(handler, undefined, this.req, this.raw, this, next)) this.checkpoint();
+    runReporting(handler, undefined, this.req, this.raw, this, next);
   }
 
   /**
-   * Around a wrapped handler, whose return the guard sees, the client going away is heard
-   * through the socket (one listener per connection) and the end of the answer where the
-   * handler returns or settles (`checkpoint`): no listener on a response whose every
-   * property access misses V8's caches. A route-level guard cannot tell when the layers
-   * after it are done, and listens to the response.
+   * The client going away is heard through the socket (one listener per connection) and
+   * the end of the answer where a guarded handler returns or settles (`checkpoint`): no
+   * listener on a response whose every property access misses V8's caches.
    */
   protected override listen(raw: RawResponse): void {
-    if (this.handler === undefined) super.listen(raw);
-    else this.watchConnection(raw);
+    this.watchConnection(raw);
   }
 
-  /** @internal A guarded handler's promise settled. */
+  /** @internal A guarded handler returned, or its promise settled. */
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome ?? new Error('Rejected promise'));
     this.checkpoint();
@@ -248,19 +248,17 @@ function reporting(handle: Handle): Handle {
 
 /**
  * Runs a handler of a guarded route: its throw, its `next(err)` and how its promise settles
- * go to `target`. True when it returned a promise (`target.settled` hears its end).
+ * go to `target`, which looks at the response where the handler returned or settled.
  */
-function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): boolean {
+function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): void {
   let result: unknown;
   try {
     result = handle.call(self, req, res, target.nextFor(next));
   } catch (error) {
     target.fail(error);
-    return false;
   }
-  if (!isThenable(result)) return false;
-  observe(result, target);
-  return true;
+  if (isThenable(result)) observe(result, target);
+  else target.settled(undefined, false);
 }
 
 /**

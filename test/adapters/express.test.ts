@@ -260,6 +260,50 @@ describe('express adapter', function () {
     expect(seen[3]).to.equal(mine);
   });
 
+  // As a layer of its own, too, the guard hears the client through the connection and the
+  // answer's end where the handlers after it return or settle.
+  it('as a route layer, listens to the connection once and returns the permit wherever the answer ends', async () => {
+    const app = express();
+    const gate = bulkhead({ limit: 1 });
+    const counts: Array<{ path: string; response: number; socket: number; active: number }> = [];
+    const count = (req: Request, res: Response): void =>
+      void counts.push({ path: req.path, response: res.listenerCount('close'), socket: req.socket.listenerCount('close'), active: gate.active });
+    const answer = (req: Request, res: Response): void => {
+      count(req, res);
+      res.json({});
+    };
+    app.get('/plain', answer);
+    app.get('/sync', guard(gate), answer);
+    app.get('/async', guard(gate), async (req, res) => {
+      await sleep(5);
+      answer(req, res);
+    });
+    app.get('/passes', guard(gate), (_req, _res, next) => next(), answer);
+    app.get('/later', guard(gate), (req, res) => {
+      setTimeout(() => answer(req, res), 5);
+    });
+    // The handler is another route's, which the guard's route does not wrap.
+    app.get('/beyond', guard(gate));
+    app.get('/beyond', answer);
+    const s = await serve(app);
+    const connection = await RawConnection.open(s.port);
+    const paths = ['/plain', '/sync', '/async', '/passes', '/later', '/beyond'];
+    try {
+      for (const path of [...paths, ...paths.slice(1)]) {
+        connection.send(path);
+        expect((await connection.read()).status, path).to.equal(200);
+        expect(gate.active, `permit of ${path} returned`).to.equal(0);
+      }
+    } finally {
+      connection.close();
+    }
+    const [plain, ...guarded] = counts;
+    expect(guarded.map((seen) => [seen.path, seen.socket, seen.active])).to.deep.equal([...paths.slice(1), ...paths.slice(1)].map((path) => [path, plain!.socket + 1, 1]));
+    // A handler that answers later than its return gets the one listener on its response.
+    const responseListeners = guarded.map((seen) => [seen.path, seen.response - plain!.response]);
+    expect(responseListeners).to.deep.equal([...paths.slice(1), ...paths.slice(1)].map((path) => [path, path === '/later' ? 1 : 0]));
+  });
+
   describe('guard().wrap(handler)', () => {
     it('counts a sync throw, a rejection and next(err) of the handler, and passes next() on outside the guard', async () => {
       const app = express();
