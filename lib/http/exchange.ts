@@ -23,6 +23,8 @@ import { unwatchSocket, watchSocket, type SocketWatcher, type WatchableSocket } 
 export interface RawResponse {
   readonly headersSent: boolean;
   readonly writableEnded: boolean;
+  /** What `writableEnded` reads, as an own field of Node's responses (see `ended`). */
+  readonly finished?: boolean;
   readonly statusCode: number;
   /** Null while the response waits behind an earlier one on its connection (HTTP/1.1 pipelining). */
   readonly socket?: { readonly destroyed?: boolean } | null;
@@ -30,6 +32,19 @@ export interface RawResponse {
   readonly req?: { readonly socket?: WatchableSocket | null };
   on(event: 'close', listener: () => void): unknown;
   destroy(error?: Error): unknown;
+}
+
+/**
+ * Whether `end()` was called on the response, read where every request looks (its end, its
+ * close). Node's `writableEnded` getter returns the response's own `finished` field (which
+ * its docs call deprecated in favour of the getter, but Node itself keeps setting): the field
+ * is found on the object at once, where the getter is looked up through five prototypes on
+ * Express's response, whose every read misses V8's caches (about 1,000 instructions).
+ * A response without the field answers through the getter.
+ */
+function ended(raw: RawResponse): boolean {
+  const finished = raw.finished;
+  return finished === undefined ? raw.writableEnded : finished;
 }
 
 /** What an adapter does on its framework when the exchange decides. */
@@ -624,7 +639,8 @@ export class Exchange implements SegmentOwner, SocketWatcher {
    * another (no socket yet), is listened to instead.
    */
   protected watchConnection(raw: RawResponse): void {
-    if (raw instanceof ServerResponse && raw.socket !== null && this.watchSocket(raw.socket)) return;
+    // Read once: on Express's reshaped response every read misses V8's caches (~1k instructions).
+    if (raw instanceof ServerResponse && this.watchSocket(raw.socket)) return;
     this.hearEnd(raw);
   }
 
@@ -666,7 +682,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   protected checkpoint(): void {
     if (this.has(FLAG.HEARS_END) || this.socket === undefined) return;
     const raw = this.target.raw;
-    if (raw.writableEnded) this.onClose();
+    if (ended(raw)) this.onClose();
     else this.hearEnd(raw);
   }
 
@@ -679,7 +695,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
       this.socket = undefined;
     }
     const raw = this.target.raw;
-    if (!raw.writableEnded && !this.has(FLAG.DESTROYED_BY_GUARD)) {
+    if (!ended(raw) && !this.has(FLAG.DESTROYED_BY_GUARD)) {
       this.mark(FLAG.CLIENT_GONE);
       const gone = withoutStack(() => new ClientDisconnectedError());
       // Abort first: a queued call leaves its queue, and breakers see why the call ended.
