@@ -9,30 +9,38 @@
 // timeout queue ticks every few requests instead of every thousand (on Fastify about 500
 // instructions a request that real traffic does not pay).
 // Needs valgrind. Run `npm run build`, then `npx tsx bench/http-instructions.ts [framework…]`.
-// A run now and then still catches V8 recompiling half of Node's HTTP stack (a Koa case
-// once counted 169k instead of 126k): each case is counted REPEAT times, the run with the
-// least steady count is kept, and the table shows the count without V8's compilers beside
-// the whole one.
-// Env: REQUESTS (3000), WARMUP requests (6000) in WARMUP_RUNS runs (3), CONNECTIONS (1),
-// REPEAT (2), VARIANTS (bare,bulwark-empty,bulwark,bulwark-wrap; Fastify has no bulwark-wrap).
+// The count is taken in WINDOWS windows of REQUESTS requests each, one connection each, and
+// the median window is kept (the table shows the count without V8's compilers beside the
+// whole one). A single long window caught lumps by chance: V8 recompiling half of Node's
+// HTTP stack (a Koa case once counted 169k instructions a request instead of 126k), and on
+// Express full garbage collections (Express's new object shapes fill the old generation;
+// as many in bare as in guarded runs, counted natively), some 60 million instructions each
+// plus the cache misses after them: single windows of one Express case ranged over 15 %.
+// The median window leaves such lumps out and keeps the young-generation collections that
+// what a request allocates brings. The warm-up is long: Koa's count kept falling for
+// 10,000 requests.
+// Env: REQUESTS (1000) per window, WINDOWS (9), WARMUP requests (15000) in WARMUP_RUNS runs (3),
+// CONNECTIONS (1), REPEAT (1; the run with the least steady count is kept), VARIANTS
+// (bare,bulwark-empty,bulwark,bulwark-wrap; Fastify has no bulwark-wrap).
 import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import type { Framework, Variant } from './http-server.js';
 import { DETERMINISTIC_V8 } from './deterministic-v8.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
-const requests = Number(process.env.REQUESTS ?? 3000);
-const warmup = Number(process.env.WARMUP ?? 6000);
+const requests = Number(process.env.REQUESTS ?? 1000);
+const windows = Number(process.env.WINDOWS ?? 9);
+const warmup = Number(process.env.WARMUP ?? 15000);
 const connections = Number(process.env.CONNECTIONS ?? 1);
 const variants = (process.env.VARIANTS ?? 'bare,bulwark-empty,bulwark,bulwark-wrap').split(',') as Variant[];
-const repeat = Number(process.env.REPEAT ?? 2);
+const repeat = Number(process.env.REPEAT ?? 1);
 /** Variants that not every framework has. */
-const only: Partial<Record<Variant, Framework[]>> = { 'bulwark-wrap': ['express', 'koa'] };
+const only: Partial<Record<Variant, Framework[]>> = { 'bulwark-wrap': ['express', 'koa'], 'noop-middleware': ['express', 'koa'] };
 const frameworks = (process.argv.length > 2 ? process.argv.slice(2) : ['fastify', 'koa', 'express']) as Framework[];
 const dir = mkdtempSync(join(tmpdir(), 'bulwark-callgrind-'));
 
@@ -63,23 +71,46 @@ async function count(framework: Framework, variant: Variant): Promise<Count> {
   const runs = Number(process.env.WARMUP_RUNS ?? 3);
   for (let i = 0; i < runs; i++) await autocannon({ url, connections, amount: Math.ceil(warmup / runs) });
   execFileSync('callgrind_control', ['--instr=on', String(child.pid)], { stdio: 'ignore' });
-  const result = await autocannon({ url, connections, amount: requests });
+  const answered: number[] = [];
+  for (let i = 0; i < windows; i++) {
+    const result = await autocannon({ url, connections, amount: requests });
+    if (result.non2xx > 0) throw new Error(`${framework} ${variant}: ${result.non2xx} non-2xx answers`);
+    answered.push(result.requests.total);
+    execFileSync('callgrind_control', ['--dump', String(child.pid)], { stdio: 'ignore' });
+  }
   execFileSync('callgrind_control', ['--instr=off', String(child.pid)], { stdio: 'ignore' });
   child.kill('SIGINT');
   await once(child, 'exit');
-  const summary = execFileSync('callgrind_annotate', ['--threshold=100', out], { encoding: 'utf8', maxBuffer: 1 << 30 });
+  const dumps = readdirSync(dir)
+    .filter((name) => name.startsWith(`${basename(out)}.`) && /\.\d+$/.test(name))
+    .sort((a, b) => Number(a.slice(a.lastIndexOf('.') + 1)) - Number(b.slice(b.lastIndexOf('.') + 1)));
+  if (dumps.length !== windows) throw new Error(`${framework} ${variant}: ${dumps.length} dumps for ${windows} windows`);
+  const counts = dumps.map((name, i) => countWindow(join(dir, name), answered[i]!));
+  process.stderr.write(`${framework} ${variant}: windows ${counts.map((c) => c.steady.toFixed(0)).join(' ')} (without V8 compiling)\n`);
+  return { all: median(counts.map((c) => c.all)), steady: median(counts.map((c) => c.steady)) };
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+/** One window's dump: instructions per request, all of them and without V8's compilers. */
+function countWindow(file: string, requestsAnswered: number): Count {
+  const summary = execFileSync('callgrind_annotate', ['--threshold=100', file], { encoding: 'utf8', maxBuffer: 1 << 30 });
   const total = /([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS/.exec(summary)?.[1];
-  if (total === undefined || result.non2xx > 0) throw new Error(`${framework} ${variant}: no count (${result.non2xx} non-2xx answers)`);
+  if (total === undefined) throw new Error(`${file}: no count`);
   let noise = 0;
   for (const [, self, name] of summary.matchAll(/^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:(.*)$/gm)) {
     if (COMPILING.test(name!)) noise += Number(self!.replace(/,/g, ''));
   }
   const all = Number(total.replace(/,/g, ''));
-  return { all: all / result.requests.total, steady: (all - noise) / result.requests.total };
+  return { all: all / requestsAnswered, steady: (all - noise) / requestsAnswered };
 }
 
 try {
-  console.log(`\nuser-space instructions per request (callgrind, deterministic V8: --single-threaded --predictable, fixed seeds), ${connections} connection(s), ${requests} requests after ${warmup}, least of ${repeat} runs\n`);
+  console.log(`\nuser-space instructions per request (callgrind, deterministic V8: --single-threaded --predictable, fixed seeds), ${connections} connection(s), median of ${windows} windows of ${requests} requests after ${warmup}${repeat > 1 ? `, least of ${repeat} runs` : ''}\n`);
   console.log('| framework | route | instructions/request | ÷ bare | without V8 compiling | added over bare | ÷ bare |');
   console.log('|---|---|---:|---:|---:|---:|---:|');
   for (const framework of frameworks) {
