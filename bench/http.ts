@@ -4,12 +4,16 @@
 // are interleaved round by round (drift of a shared machine hits them all alike) and the
 // table shows medians. The figure that matters is the server's CPU time per request,
 // measured by the server itself over the run: unlike req/s it does not depend on how much
-// CPU the machine had left. Run `npm run build`, then `npm run bench:http`.
-// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), ONLY (frameworks,
+// CPU the machine had left. Latency is shown twice: at autocannon's saturation (where it is
+// mostly queueing, so it follows CPU per request) and at a steady offered load that every
+// server meets with room to spare (`steadyLoad`). Run `npm run build`, then `npm run bench:http`.
+// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), STEADY_RATE req/s
+// (5000) for STEADY seconds (5; 0 leaves it out), ONLY (frameworks,
 // comma-separated), DETAIL=1 (adds each adapter with an empty pipeline, its own cost without guards,
 // and for Express and Koa a middleware that only calls next(): what any route middleware costs).
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { once, type EventEmitter } from 'node:events';
+import http from 'node:http';
 import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
@@ -21,6 +25,8 @@ const duration = Number(process.env.DURATION ?? 5);
 const warmup = Number(process.env.WARMUP ?? 1);
 const connections = Number(process.env.CONNECTIONS ?? 10);
 const only = process.env.ONLY;
+const steadyRate = Number(process.env.STEADY_RATE ?? 5000);
+const steadySeconds = Number(process.env.STEADY ?? 5);
 
 interface Case {
   framework: Framework;
@@ -64,6 +70,8 @@ interface Sample {
   /** Server CPU (user + system) per request, microseconds. */
   cpuUs: number;
   errors: number;
+  /** p99 latency at the steady offered load (`steadyLoad`), ms; NaN when not run. */
+  steadyP99: number;
 }
 
 /** Pins this process (autocannon) to core 0 and servers to core 1, when the machine allows it. */
@@ -114,6 +122,52 @@ async function load(port: number, seconds: number): Promise<Load> {
   return { result, latencies: Float64Array.from(times).sort() };
 }
 
+/**
+ * Latency at a steady offered load, open loop: requests go out on a fixed schedule whatever
+ * the answers do, over keep-alive connections, and each latency counts from the moment its
+ * request was due (so a stalled server shows in full, not hidden by the generator waiting).
+ * At autocannon's saturation, latency is queueing: any CPU a guard adds shows up as latency
+ * in proportion (and more, near a core's limit). At a rate the server meets with room to
+ * spare, latency shows what a request itself waits for.
+ */
+async function steadyLoad(port: number, rate: number, seconds: number): Promise<Float64Array> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
+  const times: number[] = [];
+  const total = Math.round(rate * seconds);
+  const start = performance.now();
+  let sent = 0;
+  let answered = 0;
+  let failed = 0;
+  await new Promise<void>((resolve) => {
+    const settle = (): void => {
+      if (++answered === total) resolve();
+    };
+    const tick = (): void => {
+      const due = Math.min(total, Math.floor(((performance.now() - start) * rate) / 1000));
+      for (; sent < due; sent++) {
+        const dueAt = start + (sent * 1000) / rate;
+        const req = http.get({ host: '127.0.0.1', port, path: '/', agent }, (res) => {
+          res.resume();
+          res.on('end', () => {
+            if (res.statusCode === 200) times.push(performance.now() - dueAt);
+            else failed++;
+            settle();
+          });
+        });
+        req.on('error', () => {
+          failed++;
+          settle();
+        });
+      }
+      if (sent < total) setImmediate(tick);
+    };
+    tick();
+  });
+  agent.destroy();
+  if (failed > 0) process.stderr.write(`  steady load: ${failed} failed requests\n`);
+  return Float64Array.from(times).sort();
+}
+
 function percentile(sorted: Float64Array, p: number): number {
   return sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
@@ -126,6 +180,7 @@ async function runCase(c: Case): Promise<Sample> {
     await ask(child, 'start');
     const { result, latencies } = await load(port, duration);
     const cpu = await ask(child, 'stop');
+    const steady = steadySeconds > 0 ? await steadyLoad(port, steadyRate, steadySeconds) : new Float64Array();
     const requests = result.requests.total;
     if (result.non2xx > 0 || result.errors > 0) process.stderr.write(`  ${c.framework} ${c.variant}: ${result.non2xx} non-2xx, ${result.errors} errors\n`);
     return {
@@ -134,6 +189,7 @@ async function runCase(c: Case): Promise<Sample> {
       p99: percentile(latencies, 99),
       cpuUs: (cpu.userUs + cpu.systemUs) / requests,
       errors: result.non2xx + result.errors,
+      steadyP99: percentile(steady, 99),
     };
   } finally {
     child.kill();
@@ -170,8 +226,9 @@ console.log(`\n${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} cores (npr
 console.log(
   `${connections} connections, ${duration} s per run after ${warmup} s warm-up, ${rounds} rounds, medians; load average ${load0.toFixed(1)} before, ${load1.toFixed(1)} after; ${((Date.now() - started) / 1000).toFixed(0)} s in all.\n`,
 );
-console.log('| framework | route | req/s | p50 ms | p99 ms | server CPU µs/req | CPU ÷ bare (rounds) | p99 ÷ bare |');
-console.log('|---|---|---:|---:|---:|---:|---:|---:|');
+const steadyHead = steadySeconds > 0 ? ` p99 ms at ${steadyRate} req/s | ÷ bare |` : '';
+console.log(`| framework | route | req/s | p50 ms | p99 ms | server CPU µs/req | CPU ÷ bare (rounds) | p99 ÷ bare |${steadyHead}`);
+console.log(`|---|---|---:|---:|---:|---:|---:|---:|${steadySeconds > 0 ? '---:|---:|' : ''}`);
 for (const c of cases) {
   const mine = samples.get(c)!;
   const base = samples.get(cases.find((b) => b.framework === c.framework && b.variant === c.baseline)!)!;
@@ -179,7 +236,9 @@ for (const c of cases) {
   const ratios = (pick: (s: Sample) => number): number[] => mine.map((sample, round) => pick(sample) / pick(base[round]!));
   const cpu = ratios((s) => s.cpuUs);
   const spread = `${median(cpu).toFixed(3)} (${Math.min(...cpu).toFixed(2)}–${Math.max(...cpu).toFixed(2)})`;
+  const isBase = c.variant === c.baseline;
+  const steadyCells = steadySeconds > 0 ? ` ${cell(mine.map((s) => s.steadyP99), 3)} | ${isBase ? '' : median(ratios((s) => s.steadyP99)).toFixed(3)} |` : '';
   console.log(
-    `| ${c.framework} | ${c.label} | ${cell(mine.map((s) => s.rps), 0)} | ${cell(mine.map((s) => s.p50), 3)} | ${cell(mine.map((s) => s.p99), 3)} | ${cell(mine.map((s) => s.cpuUs), 2)} | ${c.variant === c.baseline ? '' : spread} | ${c.variant === c.baseline ? '' : median(ratios((s) => s.p99)).toFixed(3)} |`,
+    `| ${c.framework} | ${c.label} | ${cell(mine.map((s) => s.rps), 0)} | ${cell(mine.map((s) => s.p50), 3)} | ${cell(mine.map((s) => s.p99), 3)} | ${cell(mine.map((s) => s.cpuUs), 2)} | ${isBase ? '' : spread} | ${isBase ? '' : median(ratios((s) => s.p99)).toFixed(3)} |${steadyCells}`,
   );
 }
