@@ -16,8 +16,9 @@
 // Express full garbage collections (Express's new object shapes fill the old generation;
 // as many in bare as in guarded runs, counted natively), some 60 million instructions each
 // plus the cache misses after them: single windows of one Express case ranged over 15 %.
-// The median window leaves such lumps out and keeps the young-generation collections that
-// what a request allocates brings. The warm-up is long: Koa's count kept falling for
+// Windows with a full collection in them are left out (they come as often in bare as in
+// guarded runs), and the median of the others kept: it keeps the young-generation
+// collections that what a request allocates brings. The warm-up is long: Koa's count kept falling for
 // 10,000 requests.
 // Env: REQUESTS (1000) per window, WINDOWS (9), WARMUP requests (15000) in WARMUP_RUNS runs (3),
 // CONNECTIONS (1), REPEAT (1; the run with the least steady count is kept), VARIANTS
@@ -58,6 +59,9 @@ interface Count {
  */
 const COMPILING = /v8::internal::(compiler|maglev|turboshaft)::|v8::internal::(Parser|Scanner|Zone|Compiler|Deoptimizer|OptimizingCompileDispatcher)\b/;
 
+/** V8's full (mark-compact) collector, by C++ symbol: how a window with a full GC in it is told. */
+const FULL_GC = /v8::internal::(MarkCompactCollector|MainMarkingVisitor|MarkingVisitorBase|Sweeper|IncrementalMarking|MarkingBarrier)\b/;
+
 async function count(framework: Framework, variant: Variant): Promise<Count> {
   const out = join(dir, `${framework}.${variant}.out`);
   const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, ...DETERMINISTIC_V8, '--import', 'tsx', `${here}http-server.ts`, framework, variant];
@@ -86,8 +90,11 @@ async function count(framework: Framework, variant: Variant): Promise<Count> {
     .sort((a, b) => Number(a.slice(a.lastIndexOf('.') + 1)) - Number(b.slice(b.lastIndexOf('.') + 1)));
   if (dumps.length !== windows) throw new Error(`${framework} ${variant}: ${dumps.length} dumps for ${windows} windows`);
   const counts = dumps.map((name, i) => countWindow(join(dir, name), answered[i]!));
-  process.stderr.write(`${framework} ${variant}: windows ${counts.map((c) => c.steady.toFixed(0)).join(' ')} (without V8 compiling)\n`);
-  return { all: median(counts.map((c) => c.all)), steady: median(counts.map((c) => c.steady)) };
+  // Windows with a full collection in them are left out (unless every one has one).
+  const clean = counts.filter((c) => c.fullGc < 0.01 * c.all);
+  const kept = clean.length > 0 ? clean : counts;
+  process.stderr.write(`${framework} ${variant}: windows ${counts.map((c) => `${c.steady.toFixed(0)}${c.fullGc < 0.01 * c.all ? '' : '*'}`).join(' ')} (without V8 compiling; * full GC, left out)\n`);
+  return { all: median(kept.map((c) => c.all)), steady: median(kept.map((c) => c.steady)) };
 }
 
 function median(values: number[]): number {
@@ -96,17 +103,19 @@ function median(values: number[]): number {
   return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
-/** One window's dump: instructions per request, all of them and without V8's compilers. */
-function countWindow(file: string, requestsAnswered: number): Count {
+/** One window's dump: instructions per request, all of them, without V8's compilers, and in full GCs. */
+function countWindow(file: string, requestsAnswered: number): Count & { fullGc: number } {
   const summary = execFileSync('callgrind_annotate', ['--threshold=100', file], { encoding: 'utf8', maxBuffer: 1 << 30 });
   const total = /([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS/.exec(summary)?.[1];
   if (total === undefined) throw new Error(`${file}: no count`);
   let noise = 0;
+  let fullGc = 0;
   for (const [, self, name] of summary.matchAll(/^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:(.*)$/gm)) {
     if (COMPILING.test(name!)) noise += Number(self!.replace(/,/g, ''));
+    else if (FULL_GC.test(name!)) fullGc += Number(self!.replace(/,/g, ''));
   }
   const all = Number(total.replace(/,/g, ''));
-  return { all: all / requestsAnswered, steady: (all - noise) / requestsAnswered };
+  return { all: all / requestsAnswered, steady: (all - noise) / requestsAnswered, fullGc: fullGc / requestsAnswered };
 }
 
 try {
