@@ -130,8 +130,7 @@ async function load(port: number, seconds: number): Promise<Load> {
  * in proportion (and more, near a core's limit). At a rate the server meets with room to
  * spare, latency shows what a request itself waits for.
  */
-async function steadyLoad(port: number, rate: number, seconds: number): Promise<Float64Array> {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
+async function steadyLoad(port: number, rate: number, seconds: number, agent: http.Agent): Promise<Float64Array> {
   const times: number[] = [];
   const total = Math.round(rate * seconds);
   const start = performance.now();
@@ -163,9 +162,19 @@ async function steadyLoad(port: number, rate: number, seconds: number): Promise<
     };
     tick();
   });
-  agent.destroy();
   if (failed > 0) process.stderr.write(`  steady load: ${failed} failed requests\n`);
   return Float64Array.from(times).sort();
+}
+
+/** The steady load's latencies, after a second of it that opens the connections it needs. */
+async function steadyLatencies(port: number): Promise<Float64Array> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
+  try {
+    await steadyLoad(port, steadyRate, 1, agent);
+    return await steadyLoad(port, steadyRate, steadySeconds, agent);
+  } finally {
+    agent.destroy();
+  }
 }
 
 function percentile(sorted: Float64Array, p: number): number {
@@ -180,7 +189,7 @@ async function runCase(c: Case): Promise<Sample> {
     await ask(child, 'start');
     const { result, latencies } = await load(port, duration);
     const cpu = await ask(child, 'stop');
-    const steady = steadySeconds > 0 ? await steadyLoad(port, steadyRate, steadySeconds) : new Float64Array();
+    const steady = steadySeconds > 0 ? await steadyLatencies(port) : new Float64Array();
     const requests = result.requests.total;
     if (result.non2xx > 0 || result.errors > 0) process.stderr.write(`  ${c.framework} ${c.variant}: ${result.non2xx} non-2xx, ${result.errors} errors\n`);
     return {
