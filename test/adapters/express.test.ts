@@ -44,6 +44,20 @@ describe('express adapter', function () {
     server = undefined;
   });
 
+  /** Asks for `paths` in turn on one connection: each answered 200, its permit returned. */
+  async function answersInTurn(s: TestServer, paths: string[], gate: { readonly active: number }): Promise<void> {
+    const connection = await RawConnection.open(s.port);
+    try {
+      for (const path of paths) {
+        connection.send(path);
+        expect((await connection.read()).status, path).to.equal(200);
+        expect(gate.active, `permit of ${path} returned`).to.equal(0);
+      }
+    } finally {
+      connection.close();
+    }
+  }
+
   async function expectOneTimeoutAnswer(s: TestServer, path: string): Promise<void> {
     const connection = await RawConnection.open(s.port);
     try {
@@ -286,17 +300,8 @@ describe('express adapter', function () {
     app.get('/beyond', guard(gate));
     app.get('/beyond', answer);
     const s = await serve(app);
-    const connection = await RawConnection.open(s.port);
     const paths = ['/plain', '/sync', '/async', '/passes', '/later', '/beyond'];
-    try {
-      for (const path of [...paths, ...paths.slice(1)]) {
-        connection.send(path);
-        expect((await connection.read()).status, path).to.equal(200);
-        expect(gate.active, `permit of ${path} returned`).to.equal(0);
-      }
-    } finally {
-      connection.close();
-    }
+    await answersInTurn(s, [...paths, ...paths.slice(1)], gate);
     const [plain, ...guarded] = counts;
     expect(guarded.map((seen) => [seen.path, seen.socket, seen.active])).to.deep.equal([...paths.slice(1), ...paths.slice(1)].map((path) => [path, plain!.socket + 1, 1]));
     // A handler that answers later than its return gets the one listener on its response.
@@ -371,16 +376,7 @@ describe('express adapter', function () {
         res.json({});
       }));
       const s = await serve(app);
-      const connection = await RawConnection.open(s.port);
-      try {
-        for (const path of ['/plain', '/sync', '/async', '/sync', '/async']) {
-          connection.send(path);
-          expect((await connection.read()).status, path).to.equal(200);
-          expect(gate.active, `permit of ${path} returned`).to.equal(0);
-        }
-      } finally {
-        connection.close();
-      }
+      await answersInTurn(s, ['/plain', '/sync', '/async', '/sync', '/async'], gate);
       const [plain, ...guarded] = counts;
       expect(guarded.map((seen) => seen.response)).to.deep.equal([plain!.response, plain!.response, plain!.response, plain!.response]);
       expect(guarded.map((seen) => seen.socket)).to.deep.equal([plain!.socket + 1, plain!.socket + 1, plain!.socket + 1, plain!.socket + 1]);
