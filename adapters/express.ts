@@ -153,8 +153,8 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
       // The route's later layers report to the innermost running guard, found on its `next`.
       (next[ROUTE_NEXT] ?? next)[CURRENT] = this;
       next();
-      // A reporting layer that ran checkpoints where its handler ends; when none did (the
-      // route's next handler lies beyond it), the response is looked at here.
+      // A reporting layer that ran looked at the response where its handler returned; when
+      // none did (the route's next handler lies beyond it), it is looked at here.
       if (this.reporting === undefined) this.checkpoint();
       return;
     }
@@ -164,15 +164,25 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
   }
 
   /**
-   * The client going away is heard through the socket (one listener per connection) and
-   * the end of the answer where a guarded handler returns or settles (`checkpoint`): no
-   * listener on a response whose every property access misses V8's caches.
+   * The client going away is heard through the socket (one listener per connection), and
+   * an answer that ended by the time a guarded handler returned is over there
+   * (`checkpoint`): no listener on a response whose every property access misses V8's
+   * caches, unless its answer goes on after the handler returned.
    */
   protected override listen(raw: RawResponse): void {
     this.watchConnection(raw);
   }
 
-  /** @internal A guarded handler returned, or its promise settled. */
+  /**
+   * @internal A guarded handler returned. An answer still going on (a stream, a callback
+   * that answers later, an async handler, which may answer and go on awaiting) is listened
+   * to from here: its permit comes back when the answer ends, not when the handler settles.
+   */
+  returned(): void {
+    this.checkpoint();
+  }
+
+  /** @internal A guarded handler's promise settled. */
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome ?? new Error('Rejected promise'));
     this.checkpoint();
@@ -248,7 +258,7 @@ function reporting(handle: Handle): Handle {
 
 /**
  * Runs a handler of a guarded route: its throw, its `next(err)` and how its promise settles
- * go to `target`, which looks at the response where the handler returned or settled.
+ * go to `target`, which looks at the response where the handler returned.
  */
 function runReporting(handle: Handle, self: unknown, req: Request, res: Response, target: ExpressExchange, next: RouteNext): void {
   let result: unknown;
@@ -258,7 +268,7 @@ function runReporting(handle: Handle, self: unknown, req: Request, res: Response
     target.fail(error);
   }
   if (isThenable(result)) observe(result, target);
-  else target.settled(undefined, false);
+  target.returned();
 }
 
 /**

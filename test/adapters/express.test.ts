@@ -296,17 +296,24 @@ describe('express adapter', function () {
     app.get('/later', guard(gate), (req, res) => {
       setTimeout(() => answer(req, res), 5);
     });
+    // Answers, then goes on awaiting something that never comes.
+    app.get('/answers-and-waits', guard(gate), async (req, res) => {
+      answer(req, res);
+      await new Promise(() => {});
+    });
     // The handler is another route's, which the guard's route does not wrap.
     app.get('/beyond', guard(gate));
     app.get('/beyond', answer);
     const s = await serve(app);
-    const paths = ['/plain', '/sync', '/async', '/passes', '/later', '/beyond'];
+    const paths = ['/plain', '/sync', '/async', '/passes', '/later', '/answers-and-waits', '/beyond'];
     await answersInTurn(s, [...paths, ...paths.slice(1)], gate);
     const [plain, ...guarded] = counts;
     expect(guarded.map((seen) => [seen.path, seen.socket, seen.active])).to.deep.equal([...paths.slice(1), ...paths.slice(1)].map((path) => [path, plain!.socket + 1, 1]));
-    // A handler that answers later than its return gets the one listener on its response.
+    // A handler whose answer goes on after it returned (async, or answering from a callback)
+    // gets the one listener on its response.
     const responseListeners = guarded.map((seen) => [seen.path, seen.response - plain!.response]);
-    expect(responseListeners).to.deep.equal([...paths.slice(1), ...paths.slice(1)].map((path) => [path, path === '/later' ? 1 : 0]));
+    const listened = ['/async', '/later'];
+    expect(responseListeners).to.deep.equal([...paths.slice(1), ...paths.slice(1)].map((path) => [path, listened.includes(path) ? 1 : 0]));
   });
 
   describe('guard().wrap(handler)', () => {
@@ -354,8 +361,9 @@ describe('express adapter', function () {
       expect(errors).to.deep.equal([]);
     });
 
-    // Around a wrapped handler the guard hears the client through the connection, and the
-    // end of the answer where the handler returns or settles: no listener per response.
+    // Around a wrapped handler the guard hears the client through the connection, and an
+    // answer over by the handler's return there: only an answer that goes on (the async
+    // handler's) gets a listener on its response.
     it('listens to the connection once, not to each response, and returns the permit of a sync and an async handler', async () => {
       const app = express();
       const gate = bulkhead({ limit: 1 });
@@ -378,7 +386,7 @@ describe('express adapter', function () {
       const s = await serve(app);
       await answersInTurn(s, ['/plain', '/sync', '/async', '/sync', '/async'], gate);
       const [plain, ...guarded] = counts;
-      expect(guarded.map((seen) => seen.response)).to.deep.equal([plain!.response, plain!.response, plain!.response, plain!.response]);
+      expect(guarded.map((seen) => seen.response)).to.deep.equal([plain!.response, plain!.response + 1, plain!.response, plain!.response + 1]);
       expect(guarded.map((seen) => seen.socket)).to.deep.equal([plain!.socket + 1, plain!.socket + 1, plain!.socket + 1, plain!.socket + 1]);
       expect(guarded.map((seen) => seen.active)).to.deep.equal([1, 1, 1, 1]);
     });
