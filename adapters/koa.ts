@@ -82,7 +82,8 @@ function fuseInto(matched: unknown, self: Middleware, around: (handler: Middlewa
       const handler: unknown = stack[i + 1];
       if (typeof handler !== 'function') continue;
       // A guard right behind this one fuses with its handler first: this one then wraps both.
-      if ((handler as { [FUSES]?: true })[FUSES] === true) {
+      // One that ends the stack never fuses: this one wraps it as it is.
+      if ((handler as { [FUSES]?: true })[FUSES] === true && i + 2 < stack.length) {
         waiting = true;
         continue;
       }

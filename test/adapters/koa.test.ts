@@ -274,6 +274,21 @@ describe('koa adapter', function () {
       expect(breaker.stats().totals).to.include({ failures: 3 });
     });
 
+    it('fuses with a guard behind it that ends the stack, which never fuses itself', async () => {
+      const app = new Koa();
+      const router = new Router();
+      const outer = circuitBreaker({ consecutiveFailures: 100, openMs: 10_000 });
+      router.register('/pair', ['GET'], [guard(outer), guard(timeout(20))]);
+      router.get('/pair', async (ctx) => {
+        await sleep(200);
+        ctx.body = 'late';
+      });
+      const s = await serve(app, router);
+      for (let i = 0; i < 2; i++) expect((await request(s, '/pair')).json).to.include({ reason: 'timeout' });
+      expect(stackOf(router, '/pair', ['HEAD', 'GET']).map((middleware) => (middleware as () => void).name)).to.deep.equal(['bulwarkGuarded']);
+      expect(outer.stats().totals).to.include({ failures: 2 });
+    });
+
     it('leaves a guard that ends its layer (router.use) as it is, still guarding the route after it', async () => {
       const app = new Koa();
       const router = new Router();
