@@ -173,15 +173,6 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
     this.watchConnection(raw);
   }
 
-  /**
-   * @internal A guarded handler returned. An answer still going on (a stream, a callback
-   * that answers later, an async handler, which may answer and go on awaiting) is listened
-   * to from here: its permit comes back when the answer ends, not when the handler settles.
-   */
-  returned(): void {
-    this.checkpoint();
-  }
-
   /** @internal A guarded handler's promise settled. */
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome ?? new Error('Rejected promise'));
@@ -268,7 +259,10 @@ function runReporting(handle: Handle, self: unknown, req: Request, res: Response
     target.fail(error);
   }
   if (isThenable(result)) observe(result, target);
-  target.returned();
+  // An answer still going on (an async handler, which may answer and go on awaiting, a
+  // stream, a callback) is listened to from here: its permit comes back when the answer
+  // ends, not when the handler settles.
+  target.checkpoint();
 }
 
 /**

@@ -115,7 +115,8 @@ function patchReply(prototype: GuardedReply): void {
     configurable: true,
     writable: true,
     value: function hijack(this: GuardedReply): FastifyReply {
-      this[EXCHANGE_KEY]?.hijacked();
+      // The handler will end the raw response itself, past every `send`.
+      this[EXCHANGE_KEY]?.checkpoint();
       return originalHijack.call(this);
     },
   });
@@ -168,11 +169,6 @@ class FastifyExchange extends Exchange implements ResponseTarget, Observer {
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome);
     else this.returned(outcome);
-    this.checkpoint();
-  }
-
-  /** @internal The handler took the reply over: it will end the raw response, past every `send`. */
-  hijacked(): void {
     this.checkpoint();
   }
 

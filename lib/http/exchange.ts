@@ -675,11 +675,12 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   }
 
   /**
-   * Something that may have ended the response returned (a send, the handler). With only
-   * the socket watched, nothing would hear the end: a response that ended is over now; one
-   * that goes on (a stream, a handler that answers later) is listened to from here on.
+   * @internal Something that may have ended the response returned: a send, the handler, a
+   * takeover of the raw response (Fastify's `hijack`). With only the socket watched, nothing
+   * would hear the end: a response that ended is over now; one that goes on (a stream, a
+   * handler that answers later) is listened to from here on.
    */
-  protected checkpoint(): void {
+  checkpoint(): void {
     if (this.has(FLAG.HEARS_END) || this.socket === undefined) return;
     const raw = this.target.raw;
     if (ended(raw)) this.onClose();
