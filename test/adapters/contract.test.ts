@@ -14,34 +14,23 @@ import { fallback } from '../../lib/fallback.js';
 import { rateLimit } from '../../lib/rate-limit.js';
 import { retry } from '../../lib/retry.js';
 import { timeout } from '../../lib/timeout.js';
-import { abandon, eventually, harnesses, RawConnection, request, sleep, Watchdog, type Harness, type RouteSpec, type TestServer } from './support.js';
+import { abandon, eventually, harnesses, RawConnection, request, sleep, watchedServers, type Harness, type RouteSpec, type TestServer } from './support.js';
 
 const ok = { path: '/ok', policy: pipeline(), handler: (kit: Parameters<RouteSpec['handler']>[0]) => kit.json(200, { ok: true }) } satisfies RouteSpec;
 
 for (const harness of harnesses) {
   describe(`HTTP contract: ${harness.name}`, function () {
     this.timeout(5000);
-    let server: TestServer | undefined;
-    let watchdog: Watchdog;
+    const current = watchedServers();
 
     async function start(...routes: RouteSpec[]): Promise<TestServer> {
-      server = await harness.start(routes);
-      return server;
+      current.server = await harness.start(routes);
+      return current.server;
     }
-
-    beforeEach(() => {
-      watchdog = new Watchdog().start();
-    });
-
-    afterEach(async () => {
-      await server?.close();
-      server = undefined;
-      watchdog.stop();
-    });
 
     /** Nothing logged, warned or left unhandled, and the framework saw no error. */
     function expectQuiet(s: TestServer): void {
-      expect(watchdog.events, 'console/process events').to.deep.equal([]);
+      expect(current.watchdog.events, 'console/process events').to.deep.equal([]);
       expect(s.errors, 'framework errors').to.deep.equal([]);
       expect(s.logs, 'framework warnings').to.deep.equal([]);
     }

@@ -12,7 +12,7 @@ import bulwark from '../../adapters/fastify.js';
 import { guard as expressGuard } from '../../adapters/express.js';
 import { guard as koaGuard } from '../../adapters/koa.js';
 import { bulkhead, type Bulkhead } from '../../lib/bulkhead.js';
-import { abandon, request, serveOnLoopback, sleep, Watchdog, type TestServer } from './support.js';
+import { abandon, request, serveOnLoopback, sleep, watchedServers, type TestServer } from './support.js';
 
 /** A server whose guarded GET /slow runs behind 80 ms of middleware; `ran` counts handler runs. */
 type Mount = (gate: Bulkhead, ran: { count: number }) => Promise<TestServer>;
@@ -67,24 +67,13 @@ const mounts: Record<string, Mount> = {
 for (const [name, mount] of Object.entries(mounts)) {
   describe(`client gone before the guard ran: ${name}`, function () {
     this.timeout(5000);
-    let server: TestServer | undefined;
-    let watchdog: Watchdog;
-
-    beforeEach(() => {
-      watchdog = new Watchdog().start();
-    });
-
-    afterEach(async () => {
-      await server?.close();
-      server = undefined;
-      watchdog.stop();
-    });
+    const current = watchedServers();
 
     for (const path of ['/slow', '/slow-wrapped']) {
       it(`${path}: holds no permit, runs no handler, and the next request gets the only place`, async () => {
         const gate = bulkhead({ limit: 1 });
         const ran = { count: 0 };
-        server = await mount(gate, ran);
+        const server = (current.server = await mount(gate, ran));
         await abandon(server, path, 20);
         await sleep(150);
         expect(gate.active, 'permits held').to.equal(0);
@@ -93,7 +82,7 @@ for (const [name, mount] of Object.entries(mounts)) {
         expect(answer.status).to.equal(200);
         expect(ran.count).to.equal(1);
         expect(gate.active).to.equal(0);
-        expect(watchdog.events).to.deep.equal([]);
+        expect(current.watchdog.events).to.deep.equal([]);
       });
     }
   });

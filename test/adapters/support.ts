@@ -356,6 +356,39 @@ function parse(buffer: Buffer): { response: RawResponse; length: number } | unde
   return { response: { status, headers, body: buffer.subarray(offset, offset + size).toString() }, length: offset + size };
 }
 
+/** The server and the watchdog of the test that runs now (`watchedServers`). */
+export interface WatchedTest {
+  /** The test's server, closed after it. */
+  server: TestServer | undefined;
+  readonly watchdog: Watchdog;
+}
+
+/**
+ * Mocha hooks for a suite whose tests each serve one `TestServer` under a `Watchdog`: the
+ * watchdog starts before each test; after it, the server (if one was set) closes and the
+ * watchdog stops.
+ */
+export function watchedServers(): WatchedTest {
+  let watchdog: Watchdog | undefined;
+  const current: WatchedTest = {
+    server: undefined,
+    get watchdog(): Watchdog {
+      if (watchdog === undefined) throw new Error('watchedServers: no test is running');
+      return watchdog;
+    },
+  };
+  beforeEach(() => {
+    watchdog = new Watchdog().start();
+  });
+  afterEach(async () => {
+    await current.server?.close();
+    current.server = undefined;
+    watchdog?.stop();
+    watchdog = undefined;
+  });
+  return current;
+}
+
 /**
  * Records what must never happen while a test runs: console errors and warnings, process
  * warnings, unhandled rejections, uncaught exceptions.
