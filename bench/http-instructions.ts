@@ -6,8 +6,11 @@
 // ±0.5–1 % of a request, still far closer than CPU time on a shared machine. It leaves out
 // the kernel (the same for every case) and runs ~50x slower than normal: use it to compare,
 // not to size a server. Timers tick by the wall clock, so under valgrind a guarded route's
-// timeout queue ticks every few requests instead of every thousand (on Fastify about 500
-// instructions a request that real traffic does not pay).
+// timeout queue ticks every 10–25 requests instead of every few hundred or thousand: the
+// column "timer ticks" is what the timers' callbacks cost a request (libuv's
+// `uv__run_timers`, inclusive), and the last column the ratio without them, on both sides
+// (a bare server's own timers cost it some 50–130 instructions a request). It still counts
+// the re-arming `setTimeout` a request makes when the queue's timer has lapsed.
 // Needs valgrind. Run `npm run build`, then `npx tsx bench/http-instructions.ts [framework…]`.
 // The count is taken in WINDOWS windows of REQUESTS requests each, one connection each, and
 // the median window is kept (the table shows the count without V8's compilers beside the
@@ -17,9 +20,14 @@
 // as many in bare as in guarded runs, counted natively), some 60 million instructions each
 // plus the cache misses after them: single windows of one Express case ranged over 15 %.
 // Windows with a full collection in them are left out (they come as often in bare as in
-// guarded runs), and the median of the others kept: it keeps the young-generation
-// collections that what a request allocates brings. The warm-up is long: Koa's count kept falling for
-// 10,000 requests.
+// guarded runs), and the median of the others kept, without their young-generation
+// collections (scavenges): those are added back as their mean over all the kept windows.
+// A scavenge comes every ~450 requests on Koa and Express and every ~1,900 on Fastify
+// (counted natively), and costs 0.6–0.9 million instructions: a window of 1,000 requests
+// holds two or three of them on Koa, none or one on Fastify, so the median window swung by
+// 0.6 % (Koa) to 2 % (Fastify) of a request with where the scavenges fell. Their mean over
+// nine windows keeps what a request allocates counted, without the swing. The warm-up is
+// long: Koa's count kept falling for 10,000 requests.
 // Env: REQUESTS (1000) per window, WINDOWS (9), WARMUP requests (15000) in WARMUP_RUNS runs (3),
 // CONNECTIONS (1), REPEAT (1; processes per case, the median kept), VARIANTS
 // (bare,bulwark-empty,bulwark,bulwark-wrap; Fastify has no bulwark-wrap).
@@ -49,6 +57,8 @@ const dir = mkdtempSync(join(tmpdir(), 'bulwark-callgrind-'));
 interface Count {
   all: number;
   steady: number;
+  /** What timer callbacks cost a request (included in the two above). */
+  ticks: number;
 }
 
 /**
@@ -62,9 +72,17 @@ const COMPILING = /v8::internal::(compiler|maglev|turboshaft)::|v8::internal::(P
 /** V8's full (mark-compact) collector, by C++ symbol: how a window with a full GC in it is told. */
 const FULL_GC = /v8::internal::(MarkCompactCollector|MainMarkingVisitor|MarkingVisitorBase|Sweeper|IncrementalMarking|MarkingBarrier)\b/;
 
+/**
+ * The young generation at one size, its largest default (16 MB a semi-space on 64-bit), which
+ * a busy server's grows to. Left to itself, V8 sized it by each process's history: identical
+ * bare Koa processes ended with half or twice the scavenges of one another (705 or 1,361
+ * instructions a request), a swing of 0.7 % between processes running the same code.
+ */
+const YOUNG_GENERATION = ['--min-semi-space-size=16', '--max-semi-space-size=16'];
+
 async function count(framework: Framework, variant: Variant): Promise<Count> {
   const out = join(dir, `${framework}.${variant}.out`);
-  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, ...DETERMINISTIC_V8, '--import', 'tsx', `${here}http-server.ts`, framework, variant];
+  const args = ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${out}`, process.execPath, ...DETERMINISTIC_V8, ...YOUNG_GENERATION, '--import', 'tsx', `${here}http-server.ts`, framework, variant];
   const child = spawn('valgrind', args, { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], env: { ...process.env, NODE_ENV: 'production' } });
   const [ready] = (await once(child, 'message')) as [{ port: number }];
   const url = `http://127.0.0.1:${ready.port}/`;
@@ -93,8 +111,15 @@ async function count(framework: Framework, variant: Variant): Promise<Count> {
   // Windows with a full collection in them are left out (unless every one has one).
   const clean = counts.filter((c) => c.fullGc < 0.01 * c.all);
   const kept = clean.length > 0 ? clean : counts;
-  process.stderr.write(`${framework} ${variant}: windows ${counts.map((c) => `${c.steady.toFixed(0)}${c.fullGc < 0.01 * c.all ? '' : '*'}`).join(' ')} (without V8 compiling; * full GC, left out)\n`);
-  return { all: median(kept.map((c) => c.all)), steady: median(kept.map((c) => c.steady)) };
+  // What the kept windows' collections cost a request, on average over all of them.
+  // Timer ticks come every 10–25 requests under valgrind: averaged the same way.
+  const mean = (pick: (c: WindowCount) => number): number => kept.reduce((sum, c) => sum + pick(c) * c.requests, 0) / kept.reduce((sum, c) => sum + c.requests, 0);
+  const gc = mean((c) => c.gc);
+  const ticks = mean((c) => c.ticks);
+  process.stderr.write(
+    `${framework} ${variant}: windows ${counts.map((c) => `${(c.steady - c.gc - c.ticks).toFixed(0)}${c.fullGc < 0.01 * c.all ? '' : '*'}`).join(' ')} + GC ${gc.toFixed(0)} + timer ticks ${ticks.toFixed(0)} (without V8 compiling, GC and ticks; * full GC, left out)\n`,
+  );
+  return { all: median(kept.map((c) => c.all - c.gc - c.ticks)) + gc + ticks, steady: median(kept.map((c) => c.steady - c.gc - c.ticks)) + gc + ticks, ticks };
 }
 
 function median(values: number[]): number {
@@ -103,9 +128,27 @@ function median(values: number[]): number {
   return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
-/** One window's dump: instructions per request, all of them, without V8's compilers, and in full GCs. */
-function countWindow(file: string, requestsAnswered: number): Count & { fullGc: number } {
-  const summary = execFileSync('callgrind_annotate', ['--threshold=100', file], { encoding: 'utf8', maxBuffer: 1 << 30 });
+/** V8's entry to every collection, whose inclusive count is all the window's garbage collecting. */
+const COLLECT_GARBAGE = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:v8::internal::Heap::CollectGarbage\(/m;
+/** Node's entry to its timers' callbacks, called by libuv when one is due: inclusive, every tick's work. */
+const RUN_TIMERS = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:node::Environment::RunTimers\(/m;
+
+/** One window's dump, per request (see `countWindow`). */
+interface WindowCount extends Count {
+  fullGc: number;
+  gc: number;
+  requests: number;
+}
+
+/**
+ * One window's dump, per request: all instructions, those without V8's compilers, those in
+ * collections (`gc`, inclusive) and in full ones among them (`fullGc`, self).
+ */
+function countWindow(file: string, requestsAnswered: number): WindowCount {
+  const annotate = (...options: string[]): string => execFileSync('callgrind_annotate', [...options, '--threshold=100', file], { encoding: 'utf8', maxBuffer: 1 << 30 });
+  const summary = annotate();
+  const inclusive = annotate('--inclusive=yes');
+  const inclusiveCount = (pattern: RegExp): number => Number(pattern.exec(inclusive)?.[1]?.replace(/,/g, '') ?? 0) / requestsAnswered;
   const total = /([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS/.exec(summary)?.[1];
   if (total === undefined) throw new Error(`${file}: no count`);
   let noise = 0;
@@ -115,26 +158,33 @@ function countWindow(file: string, requestsAnswered: number): Count & { fullGc: 
     else if (FULL_GC.test(name!)) fullGc += Number(self!.replace(/,/g, ''));
   }
   const all = Number(total.replace(/,/g, ''));
-  return { all: all / requestsAnswered, steady: (all - noise) / requestsAnswered, fullGc: fullGc / requestsAnswered };
+  return { all: all / requestsAnswered, steady: (all - noise) / requestsAnswered, fullGc: fullGc / requestsAnswered, gc: inclusiveCount(COLLECT_GARBAGE), ticks: inclusiveCount(RUN_TIMERS), requests: requestsAnswered };
 }
 
 try {
-  console.log(`\nuser-space instructions per request (callgrind, deterministic V8: --single-threaded --predictable, fixed seeds), ${connections} connection(s), median of ${windows} windows of ${requests} requests after ${warmup}${repeat > 1 ? `, median of ${repeat} processes` : ''}\n`);
-  console.log('| framework | route | instructions/request | ÷ bare | without V8 compiling | added over bare | ÷ bare |');
-  console.log('|---|---|---:|---:|---:|---:|---:|');
+  console.log(`\nuser-space instructions per request (callgrind, deterministic V8: --single-threaded --predictable, fixed seeds), ${connections} connection(s), median of ${windows} windows of ${requests} requests after ${warmup} (their scavenges averaged)${repeat > 1 ? `, median of ${repeat} processes` : ''}\n`);
+  console.log('| framework | route | instructions/request | ÷ bare | without V8 compiling | added over bare | ÷ bare | timer ticks | ÷ bare without ticks |');
+  console.log('|---|---|---:|---:|---:|---:|---:|---:|---:|');
   for (const framework of frameworks) {
     let bare: Count | undefined;
+    let bareWithoutTicks: number | undefined;
     for (const variant of variants) {
       if (!(only[variant] ?? [framework]).includes(framework)) continue;
       // Processes differ more than windows do (V8 tiers and inlines at other moments as the
       // network timing differs): with REPEAT, the median over fresh processes.
       const runs: Count[] = [];
       for (let i = 0; i < repeat; i++) runs.push(await count(framework, variant));
-      const best: Count = { all: median(runs.map((r) => r.all)), steady: median(runs.map((r) => r.steady)) };
-      if (variant === 'bare') bare = best;
+      const best: Count = { all: median(runs.map((r) => r.all)), steady: median(runs.map((r) => r.steady)), ticks: median(runs.map((r) => r.ticks)) };
+      const withoutTicks = median(runs.map((r) => r.steady - r.ticks));
+      if (variant === 'bare') {
+        bare = best;
+        bareWithoutTicks = withoutTicks;
+      }
       const versus = (value: number, base: number | undefined, digits: number): string => (base === undefined || variant === 'bare' ? '' : (value / base).toFixed(digits));
-      const added = bare === undefined || variant === 'bare' ? '' : (best!.steady - bare.steady).toFixed(0);
-      console.log(`| ${framework} | ${variant} | ${best!.all.toFixed(0)} | ${versus(best!.all, bare?.all, 3)} | ${best!.steady.toFixed(0)} | ${added} | ${versus(best!.steady, bare?.steady, 3)} |`);
+      const added = bare === undefined || variant === 'bare' ? '' : (best.steady - bare.steady).toFixed(0);
+      console.log(
+        `| ${framework} | ${variant} | ${best.all.toFixed(0)} | ${versus(best.all, bare?.all, 3)} | ${best.steady.toFixed(0)} | ${added} | ${versus(best.steady, bare?.steady, 3)} | ${best.ticks.toFixed(0)} | ${versus(withoutTicks, bareWithoutTicks, 3)} |`,
+      );
     }
   }
 } finally {
