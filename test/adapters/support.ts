@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net';
 import { Writable, type Readable } from 'node:stream';
 import Router from '@koa/router';
 import express from 'express';
+import express4 from 'express4';
 import Fastify from 'fastify';
 import Koa from 'koa';
 import { guard as expressGuard } from '../../adapters/express.js';
@@ -78,16 +79,17 @@ export async function serveOnLoopback(server: http.Server): Promise<TestServer> 
   return nodeServer(server, await listen(server), [], []);
 }
 
-/** Express with the guard as a layer of its own, or (`wrapped`) around the handler. */
-function expressHarnessOf(wrapped: boolean): Harness {
+/** Express (5, or `express4`) with the guard as a layer of its own, or (`wrapped`) around the handler. */
+function expressHarnessOf(wrapped: boolean, make: typeof express = express, version = ''): Harness {
+  const name = `express${version}`;
   return {
-    name: wrapped ? 'express (guard().wrap(handler))' : 'express',
-    start: (routes) => startExpress(routes, wrapped),
+    name: wrapped ? `${name} (guard().wrap(handler))` : name,
+    start: (routes) => startExpress(make, routes, wrapped),
   };
 }
 
-async function startExpress(routes: RouteSpec[], wrapped: boolean): Promise<TestServer> {
-  const app = express();
+async function startExpress(make: typeof express, routes: RouteSpec[], wrapped: boolean): Promise<TestServer> {
+  const app = make();
   const errors: unknown[] = [];
   for (const route of routes) {
     const method = (route.method ?? 'GET').toLowerCase() as 'get' | 'post';
@@ -117,6 +119,8 @@ async function startExpress(routes: RouteSpec[], wrapped: boolean): Promise<Test
 
 export const expressHarness = expressHarnessOf(false);
 export const expressWrappedHarness = expressHarnessOf(true);
+const express4Harness = expressHarnessOf(false, express4, ' 4');
+const express4WrappedHarness = expressHarnessOf(true, express4, ' 4');
 
 /** Koa with the guard as a middleware of its own, or (`wrapped`) around the handler. */
 function koaHarnessOf(wrapped: boolean): Harness {
@@ -212,7 +216,7 @@ export const fastifyHarness: Harness = {
   },
 };
 
-export const harnesses: readonly Harness[] = [expressHarness, expressWrappedHarness, koaHarness, koaWrappedHarness, fastifyHarness];
+export const harnesses: readonly Harness[] = [expressHarness, expressWrappedHarness, express4Harness, express4WrappedHarness, koaHarness, koaWrappedHarness, fastifyHarness];
 
 export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
