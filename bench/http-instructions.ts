@@ -61,6 +61,14 @@ interface Count {
   ticks: number;
 }
 
+/** One window's dump, per request (see `countWindow`). */
+interface WindowCount extends Count {
+  fullGc: number;
+  gc: number;
+  requests: number;
+}
+
+
 /**
  * V8's optimising compilers and parser, by C++ symbol: work that the measured window
  * catches or misses by chance (one Koa run counted 169k instructions a request instead of
@@ -112,14 +120,16 @@ async function count(framework: Framework, variant: Variant): Promise<Count> {
   const clean = counts.filter((c) => c.fullGc < 0.01 * c.all);
   const kept = clean.length > 0 ? clean : counts;
   // What the kept windows' collections cost a request, on average over all of them.
-  // Timer ticks come every 10–25 requests under valgrind: averaged the same way.
-  const mean = (pick: (c: WindowCount) => number): number => kept.reduce((sum, c) => sum + pick(c) * c.requests, 0) / kept.reduce((sum, c) => sum + c.requests, 0);
-  const gc = mean((c) => c.gc);
-  const ticks = mean((c) => c.ticks);
+  const gc = kept.reduce((sum, c) => sum + c.gc * c.requests, 0) / kept.reduce((sum, c) => sum + c.requests, 0);
+  // Timer ticks come every 10–25 requests under valgrind, some 50 to a window: a window's
+  // median does for them. The ticks' count is the difference the medians make without them,
+  // so that a collection or a compilation that ran inside a tick is not taken out twice.
+  const steady = median(kept.map((c) => c.steady - c.gc)) + gc;
+  const withoutTicks = median(kept.map((c) => c.steady - c.gc - c.ticks)) + gc;
   process.stderr.write(
-    `${framework} ${variant}: windows ${counts.map((c) => `${(c.steady - c.gc - c.ticks).toFixed(0)}${c.fullGc < 0.01 * c.all ? '' : '*'}`).join(' ')} + GC ${gc.toFixed(0)} + timer ticks ${ticks.toFixed(0)} (without V8 compiling, GC and ticks; * full GC, left out)\n`,
+    `${framework} ${variant}: windows ${counts.map((c) => `${(c.steady - c.gc).toFixed(0)}${c.fullGc < 0.01 * c.all ? '' : '*'} (ticks ${c.ticks.toFixed(0)})`).join(' ')} + GC ${gc.toFixed(0)} (without V8 compiling and GC; * full GC, left out)\n`,
   );
-  return { all: median(kept.map((c) => c.all - c.gc - c.ticks)) + gc + ticks, steady: median(kept.map((c) => c.steady - c.gc - c.ticks)) + gc + ticks, ticks };
+  return { all: median(kept.map((c) => c.all - c.gc)) + gc, steady, ticks: steady - withoutTicks };
 }
 
 function median(values: number[]): number {
@@ -133,12 +143,6 @@ const COLLECT_GARBAGE = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:v8::internal::Heap::Co
 /** Node's entry to its timers' callbacks, called by libuv when one is due: inclusive, every tick's work. */
 const RUN_TIMERS = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:node::Environment::RunTimers\(/m;
 
-/** One window's dump, per request (see `countWindow`). */
-interface WindowCount extends Count {
-  fullGc: number;
-  gc: number;
-  requests: number;
-}
 
 /**
  * One window's dump, per request: all instructions, those without V8's compilers, those in
