@@ -7,9 +7,9 @@
 // the kernel (the same for every case) and runs ~50x slower than normal: use it to compare,
 // not to size a server. Timers tick by the wall clock, so under valgrind a guarded route's
 // timeout queue ticks every 10–25 requests instead of every few hundred or thousand: the
-// column "timer ticks" is what the timers' callbacks cost a request (libuv's
-// `uv__run_timers`, inclusive), and the last column the ratio without them, on both sides
-// (a bare server's own timers cost it some 50–130 instructions a request). It still counts
+// column "timer ticks" is what the timers' callbacks cost a request (Node's
+// `Environment::RunTimers`, inclusive), and the last column the ratio without them, on both sides
+// (a bare server's own timers cost it some 40–130 instructions a request). It still counts
 // the re-arming `setTimeout` a request makes when the queue's timer has lapsed.
 // Needs valgrind. Run `npm run build`, then `npx tsx bench/http-instructions.ts [framework…]`.
 // The count is taken in WINDOWS windows of REQUESTS requests each, one connection each, and
@@ -67,7 +67,6 @@ interface WindowCount extends Count {
   gc: number;
   requests: number;
 }
-
 
 /**
  * V8's optimising compilers and parser, by C++ symbol: work that the measured window
@@ -142,7 +141,6 @@ function median(values: number[]): number {
 const COLLECT_GARBAGE = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:v8::internal::Heap::CollectGarbage\(/m;
 /** Node's entry to its timers' callbacks, called by libuv when one is due: inclusive, every tick's work. */
 const RUN_TIMERS = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:node::Environment::RunTimers\(/m;
-
 
 /**
  * One window's dump, per request: all instructions, those without V8's compilers, those in
