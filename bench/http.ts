@@ -7,10 +7,9 @@
 // CPU the machine had left. Latency is shown twice: at autocannon's saturation (where it is
 // mostly queueing, so it follows CPU per request) and at a steady offered load that every
 // server meets with room to spare (`steadyLoad`). Run `npm run build`, then `npm run bench:http`.
-// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10), STEADY_RATE req/s
-// (default: per framework, a quarter of what its bare server answered at saturation in round
-// 1, at most 2,000)
-// for STEADY seconds (5; 0 leaves it out), ONLY (frameworks,
+// Env: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds (1), CONNECTIONS (10),
+// STEADY_RATE req/s (default: per framework, a quarter of what its bare server answered at
+// saturation in round 1, at most 2,000) for STEADY seconds (5; 0 leaves it out), ONLY (frameworks,
 // comma-separated), DETAIL=1 (adds each adapter with an empty pipeline, its own cost without guards,
 // and for Express and Koa a middleware that only calls next(): what any route middleware costs).
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
