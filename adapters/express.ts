@@ -173,10 +173,12 @@ class ExpressExchange extends Exchange implements ResponseTarget, Observer {
     this.watchConnection(raw);
   }
 
-  /** @internal A guarded handler's promise settled. */
+  /**
+   * @internal A guarded handler's promise settled. Its answer was looked at where it
+   * returned (`runReporting`): over then, or listened to from then on.
+   */
   settled(outcome: unknown, failed: boolean): void {
     if (failed) this.fail(outcome ?? new Error('Rejected promise'));
-    this.checkpoint();
   }
 
   send(answer: HttpAnswer): void {
