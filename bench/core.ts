@@ -6,6 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import { cpus } from 'node:os';
 import { fileURLToPath } from 'node:url';
+import { median } from './median.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const caseScript = `${here}core-case.ts`;
@@ -41,12 +42,6 @@ function runCase(name: string, gc: boolean): number {
   if (!Number.isFinite(value)) throw new Error(`case "${name}" printed ${out}`);
   return value;
 }
-
-const median = (values: number[]): number => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-};
 
 const samples = new Map<string, number[]>();
 for (let round = 0; round < rounds; round++) {

@@ -40,6 +40,7 @@ import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import type { Framework, Variant } from './http-server.js';
 import { DETERMINISTIC_V8 } from './deterministic-v8.js';
+import { median } from './median.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const requests = Number(process.env.REQUESTS ?? 1000);
@@ -129,12 +130,6 @@ async function count(framework: Framework, variant: Variant): Promise<Count> {
     `${framework} ${variant}: windows ${counts.map((c) => `${(c.steady - c.gc).toFixed(0)}${c.fullGc < 0.01 * c.all ? '' : '*'} (ticks ${c.ticks.toFixed(0)})`).join(' ')} + GC ${gc.toFixed(0)} (without V8 compiling and GC; * full GC, left out)\n`,
   );
   return { all: median(kept.map((c) => c.all - c.gc)) + gc, steady, ticks: steady - withoutTicks };
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 /** V8's entry to every collection, whose inclusive count is all the window's garbage collecting. */

@@ -19,6 +19,7 @@ import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import type { Framework, Variant } from './http-server.js';
+import { median } from './median.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const rounds = Number(process.env.ROUNDS ?? 3);
@@ -217,12 +218,6 @@ async function runCase(c: Case): Promise<Sample> {
     await once(child, 'exit').catch(() => undefined);
   }
 }
-
-const median = (values: number[]): number => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-};
 
 const load0 = loadavg()[0]!;
 const samples = new Map<Case, Sample[]>();

@@ -29,6 +29,7 @@ import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { LoadPool, percentile, type LoadResult } from './overload-load.js';
 import type { OverloadVariant } from './overload-server.js';
+import { median } from './median.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const rounds = Number(process.env.ROUNDS ?? 1);
@@ -159,11 +160,6 @@ const workShare = (stats: ServerStats): number => (stats.served * workMs) / stat
 const sorted = (values: readonly number[] | undefined): number[] => [...(values ?? [])].sort((a, b) => a - b);
 const is2xx = (status: number): boolean => status >= 200 && status < 300;
 const fmt = (value: number, digits = 1): string => (Number.isFinite(value) ? value.toFixed(digits) : '–');
-const median = (values: number[]): number => {
-  const s = [...values].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length === 0 ? NaN : s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-};
 
 function byClass(latencies: Map<number, number[]>, keep: (status: number) => boolean): number[] {
   const out: number[] = [];

@@ -19,6 +19,7 @@ import { Redis } from 'ioredis';
 import { RateLimiterRedis } from 'rate-limiter-flexible';
 import { redisStore } from '../lib/stores/redis.js';
 import type { RateLimitAlgorithm, RateLimitRule } from '../lib/stores/types.js';
+import { median } from './median.js';
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const ROUNDS = Number(process.env.ROUNDS ?? 5);
@@ -127,12 +128,6 @@ function sample(t: Tally): Sample {
     scriptUs: t.scriptUs / t.count,
   };
 }
-
-const median = (values: number[]): number => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-};
 
 function redisVersion(): string {
   try {
