@@ -133,29 +133,42 @@ async function count(framework: Framework, variant: Variant): Promise<Count> {
 }
 
 /** V8's entry to every collection, whose inclusive count is all the window's garbage collecting. */
-const COLLECT_GARBAGE = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:v8::internal::Heap::CollectGarbage\(/m;
+const COLLECT_GARBAGE = 'v8::internal::Heap::CollectGarbage(';
 /** Node's entry to its timers' callbacks, called by libuv when one is due: inclusive, every tick's work. */
-const RUN_TIMERS = /^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:node::Environment::RunTimers\(/m;
+const RUN_TIMERS = 'node::Environment::RunTimers(';
+
+/** A `callgrind_annotate` report's functions: each one's count (self, or inclusive) and name. */
+function functionCounts(report: string): Array<[count: number, name: string]> {
+  return [...report.matchAll(/^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:(.*)$/gm)].map(([, count, name]) => [Number(count!.replace(/,/g, '')), name!]);
+}
 
 /**
  * One window's dump, per request: all instructions, those without V8's compilers, those in
- * collections (`gc`, inclusive) and in full ones among them (`fullGc`, self).
+ * collections (`gc`, inclusive) and in full ones among them (`fullGc`, self), those in
+ * timer callbacks (`ticks`, inclusive).
  */
 function countWindow(file: string, requestsAnswered: number): WindowCount {
   const annotate = (...options: string[]): string => execFileSync('callgrind_annotate', [...options, '--threshold=100', file], { encoding: 'utf8', maxBuffer: 1 << 30 });
   const summary = annotate();
-  const inclusive = annotate('--inclusive=yes');
-  const inclusiveCount = (pattern: RegExp): number => Number(pattern.exec(inclusive)?.[1]?.replace(/,/g, '') ?? 0) / requestsAnswered;
   const total = /([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS/.exec(summary)?.[1];
   if (total === undefined) throw new Error(`${file}: no count`);
   let noise = 0;
   let fullGc = 0;
-  for (const [, self, name] of summary.matchAll(/^\s*([\d,]+) \([ \d.]+%\)\s+\S*?:(.*)$/gm)) {
-    if (COMPILING.test(name!)) noise += Number(self!.replace(/,/g, ''));
-    else if (FULL_GC.test(name!)) fullGc += Number(self!.replace(/,/g, ''));
+  for (const [self, name] of functionCounts(summary)) {
+    if (COMPILING.test(name)) noise += self;
+    else if (FULL_GC.test(name)) fullGc += self;
   }
+  const inclusive = functionCounts(annotate('--inclusive=yes'));
+  const inclusiveOf = (symbol: string): number => inclusive.find(([, name]) => name.startsWith(symbol))?.[0] ?? 0;
   const all = Number(total.replace(/,/g, ''));
-  return { all: all / requestsAnswered, steady: (all - noise) / requestsAnswered, fullGc: fullGc / requestsAnswered, gc: inclusiveCount(COLLECT_GARBAGE), ticks: inclusiveCount(RUN_TIMERS), requests: requestsAnswered };
+  return {
+    all: all / requestsAnswered,
+    steady: (all - noise) / requestsAnswered,
+    fullGc: fullGc / requestsAnswered,
+    gc: inclusiveOf(COLLECT_GARBAGE) / requestsAnswered,
+    ticks: inclusiveOf(RUN_TIMERS) / requestsAnswered,
+    requests: requestsAnswered,
+  };
 }
 
 try {
