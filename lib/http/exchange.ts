@@ -683,20 +683,24 @@ export class Exchange implements SegmentOwner, SocketWatcher {
   checkpoint(): void {
     if (this.has(FLAG.HEARS_END) || this.socket === undefined) return;
     const raw = this.target.raw;
-    if (ended(raw)) this.onClose();
+    if (ended(raw)) this.over(true);
     else this.hearEnd(raw);
   }
 
   /** The response is over: it ended, or the connection went away first. Once only. */
   protected onClose(): void {
+    this.over(ended(this.target.raw));
+  }
+
+  /** `onClose()`, told whether the response had ended (a checkpoint has just read it). */
+  private over(answered: boolean): void {
     if (this.has(FLAG.CLOSED)) return;
     this.mark(FLAG.CLOSED);
     if (this.socket !== undefined) {
       unwatchSocket(this.socket, this);
       this.socket = undefined;
     }
-    const raw = this.target.raw;
-    if (!ended(raw) && !this.has(FLAG.DESTROYED_BY_GUARD)) {
+    if (!answered && !this.has(FLAG.DESTROYED_BY_GUARD)) {
       this.mark(FLAG.CLIENT_GONE);
       const gone = withoutStack(() => new ClientDisconnectedError());
       // Abort first: a queued call leaves its queue, and breakers see why the call ended.
@@ -710,6 +714,7 @@ export class Exchange implements SegmentOwner, SocketWatcher {
     // The response is over: the handler's part of the call ends here (a streamed answer
     // held its permit until now).
     const call = this.call;
+    const raw = this.target.raw;
     if (call !== undefined && call.aborted) this.rejectHandler(call.abortReason);
     else if (this.failure !== undefined && this.has(FLAG.FAILURE_COUNTS)) this.rejectHandler(this.failure);
     else if (this.failedStatus !== 0) this.rejectHandler(withoutStack(() => new FailedResponseError(this.failedStatus)));
